@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Install what building and testing booking-worker needs on Debian/Ubuntu:
+#   - C toolchain for the bundled librdkafka/zstd build: make gcc g++ pkg-config zlib1g-dev
+#   - libpq-dev (the worker links the system libpq, found through pkg-config)
+#   - PostgreSQL server binaries (throwaway test cluster, scripts/postgres.sh)
+#   - Java 17+ and Maven (the test Kafka broker, scripts/kafka.sh)
+#   - rustup components rustfmt and clippy
+# Idempotent and quick when everything is present: each item is checked first,
+# and `apt-get update` runs at most once, only if something is missing.
+#
+# Usage: scripts/install-deps.sh     (as root to install; otherwise it only
+#                                     checks and lists what is missing)
+
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOG_TAG="install-deps"
+# shellcheck source=scripts/lib.sh
+. "$SCRIPT_DIR/lib.sh"
+
+# rustup installs cargo into ~/.cargo/bin; make it visible to a bare shell.
+if ! have cargo && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+
+missing=()
+
+# command -> Debian package
+for pair in make:make gcc:gcc g++:g++ pkg-config:pkg-config; do
+    if ! have "${pair%%:*}"; then
+        missing+=("${pair#*:}")
+    fi
+done
+
+for pkg in zlib1g-dev libpq-dev; do
+    if ! deb_installed "$pkg"; then
+        missing+=("$pkg")
+    fi
+done
+
+# PostgreSQL server binaries (any version under /usr/lib/postgresql).
+pg_server_found=0
+for dir in /usr/lib/postgresql/*/bin; do
+    if [[ -x "$dir/initdb" && -x "$dir/pg_ctl" ]]; then
+        pg_server_found=1
+    fi
+done
+if [[ "$pg_server_found" -eq 0 ]] && ! { have initdb && have pg_ctl; }; then
+    missing+=(postgresql)
+fi
+
+java_version="$(java_major)"
+if [[ -z "$java_version" || "$java_version" -lt 17 ]]; then
+    missing+=(openjdk-17-jre-headless)
+fi
+if ! have mvn; then
+    missing+=(maven)
+fi
+
+if [[ ${#missing[@]} -gt 0 ]]; then
+    if is_root && have apt-get; then
+        log "missing: ${missing[*]}"
+        apt_install "${missing[@]}"
+    else
+        die "missing packages: ${missing[*]} (run this script as root, or: sudo apt-get install ${missing[*]})"
+    fi
+else
+    log "system packages: all present"
+fi
+
+# Rust toolchain components.
+have cargo || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+if have rustup; then
+    installed="$(rustup component list --installed 2>/dev/null || true)"
+    components=()
+    for c in rustfmt clippy; do
+        if ! grep -q "^$c" <<<"$installed"; then
+            components+=("$c")
+        fi
+    done
+    if [[ ${#components[@]} -gt 0 ]]; then
+        log "rustup component add ${components[*]}"
+        rustup component add "${components[@]}" >&2
+    else
+        log "rustup components: rustfmt and clippy present"
+    fi
+else
+    warn "rustup not found; make sure rustfmt and clippy are installed"
+fi
+
+log "done"

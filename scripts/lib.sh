@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Shared helpers for the booking-worker service and CI scripts.
+#
+# Source it, don't run it:   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+#
+# Conventions used by every script that sources this file:
+#   - progress and errors go to stderr (log/warn/die), so stdout stays free
+#     for the machine-readable lines a script promises (KAFKA_BROKERS=...,
+#     export DB_...=...);
+#   - every service binds 127.0.0.1 only.
+
+set -euo pipefail
+
+# Guard against being sourced twice.
+if [[ -n "${BOOKING_WORKER_LIB_SOURCED:-}" ]]; then
+    return 0
+fi
+BOOKING_WORKER_LIB_SOURCED=1
+
+# Name shown in log lines: the script that sourced us.
+LOG_TAG="${LOG_TAG:-$(basename "${0:-lib.sh}" .sh)}"
+
+log() {
+    printf '[%s] %s\n' "$LOG_TAG" "$*" >&2
+}
+
+warn() {
+    printf '[%s] WARNING: %s\n' "$LOG_TAG" "$*" >&2
+}
+
+die() {
+    printf '[%s] ERROR: %s\n' "$LOG_TAG" "$*" >&2
+    exit 1
+}
+
+# Print a section header (used by CI so each step is easy to find in the log).
+section() {
+    printf '\n==== %s ====\n' "$*" >&2
+}
+
+is_root() {
+    [[ "$(id -u)" -eq 0 ]]
+}
+
+have() {
+    command -v "$1" >/dev/null 2>&1
+}
+
+# True if a TCP connection to host:port succeeds within ~1 s.
+port_open() {
+    local host="$1" port="$2"
+    # $0/$1 are expanded by the inner bash, on purpose.
+    # shellcheck disable=SC2016
+    timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "$port" >/dev/null 2>&1
+}
+
+# True if something listens on (or a connection succeeds to) the local port.
+port_in_use() {
+    local port="$1"
+    if have ss; then
+        if [[ -n "$(ss -Htan "sport = :$port" 2>/dev/null)" ]]; then
+            return 0
+        fi
+    fi
+    port_open 127.0.0.1 "$port"
+}
+
+# Print a currently free TCP port on 127.0.0.1. Optional arguments are ports
+# that must not be returned (e.g. one already picked but not yet bound).
+# Ports come from 20000-32199, below Linux's ephemeral range (32768+), so an
+# outgoing connection cannot take the port before the service binds it.
+free_port() {
+    local port attempt skip taken
+    for attempt in $(seq 1 200); do
+        : "$attempt"
+        port=$((20000 + RANDOM % 12200))
+        taken=0
+        for skip in "$@"; do
+            if [[ "$skip" == "$port" ]]; then taken=1; fi
+        done
+        if [[ "$taken" -eq 0 ]] && ! port_in_use "$port"; then
+            echo "$port"
+            return 0
+        fi
+    done
+    die "could not find a free TCP port"
+}
+
+# True if the process with this pid exists and is not a zombie (a child that
+# died but was not reaped yet still answers kill -0).
+pid_alive() {
+    local pid="${1:-}" stat
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r "/proc/$pid/stat" ]]; then
+        stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+        stat="${stat##*) }"
+        [[ "${stat:0:1}" != Z ]] || return 1
+    fi
+    return 0
+}
+
+# Read key from a key=value state file; prints nothing if absent.
+state_get() {
+    local file="$1" key="$2"
+    [[ -f "$file" ]] || return 0
+    sed -n "s/^${key}=//p" "$file" | tail -n 1
+}
+
+# apt-get install the given packages (root only). Runs `apt-get update` at
+# most once per process, and only when something is actually installed.
+APT_UPDATED="${APT_UPDATED:-0}"
+apt_install() {
+    [[ $# -gt 0 ]] || return 0
+    is_root || die "need root to apt-get install: $*"
+    have apt-get || die "apt-get not found; install manually: $*"
+    export DEBIAN_FRONTEND=noninteractive
+    if [[ "$APT_UPDATED" != 1 ]]; then
+        log "apt-get update"
+        apt-get update -qq >&2
+        APT_UPDATED=1
+        export APT_UPDATED
+    fi
+    log "apt-get install -y $*"
+    apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# True if the Debian package is installed.
+deb_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# Java major version ("17"), or empty if java is missing.
+java_major() {
+    have java || return 0
+    java -version 2>&1 | sed -n '1s/.*version "\([0-9]*\)[."].*/\1/p'
+}
+
+# Make sure java >= 17 is on PATH, installing it when root.
+ensure_java() {
+    local major
+    major="$(java_major)"
+    if [[ -z "$major" || "$major" -lt 17 ]]; then
+        if is_root && have apt-get; then
+            apt_install openjdk-17-jre-headless
+            major="$(java_major)"
+        fi
+    fi
+    [[ -n "$major" ]] || die "java not found: install a Java 17+ runtime (Debian: apt-get install openjdk-17-jre-headless)"
+    [[ "$major" -ge 17 ]] || die "java $major is too old: Kafka 4.x needs Java 17+ (Debian: apt-get install openjdk-17-jre-headless)"
+}
+
+# Make sure mvn is on PATH, installing it when root.
+ensure_maven() {
+    if ! have mvn && is_root && have apt-get; then
+        apt_install maven
+    fi
+    have mvn || die "mvn not found: install Apache Maven (Debian: apt-get install maven)"
+}

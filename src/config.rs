@@ -1,0 +1,551 @@
+//! Worker configuration read from environment variables, with the Go worker's names and defaults.
+//!
+//! Parsing is pure: [`Config::from_lookup`] takes a lookup function, so tests feed it a map and
+//! production feeds it [`std::env::var`]. Every refused value names its variable and what it accepts.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Prefix of environment variables passed through to librdkafka: `KAFKA_PROP_SECURITY_PROTOCOL=ssl`
+/// becomes `security.protocol=ssl`.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROP_";
+
+/// A configuration value that cannot be used, naming the variable and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {variable}={value:?}: expected {expected}")]
+pub struct ConfigError {
+    pub variable: String,
+    pub value: String,
+    pub expected: String,
+}
+
+/// How the worker reaches PostgreSQL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub name: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<String>,
+    pub pool_size: u32,
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("name", &self.name)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+/// libpq's `sslmode`, limited to the values an operator should choose between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn parse(value: &str) -> Option<SslMode> {
+        [
+            SslMode::Disable,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ]
+        .into_iter()
+        .find(|mode| mode.as_str() == value)
+    }
+}
+
+/// How the worker reaches Kafka and what it consumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub booking_topic: String,
+    pub cancellation_topic: String,
+    /// librdkafka properties: the worker's defaults first, then the `KAFKA_PROP_*` pass-through,
+    /// which wins.
+    pub properties: Vec<(String, String)>,
+}
+
+/// The writer pool and the pipeline between consumer and writers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineConfig {
+    pub writers: usize,
+    pub batch_size: usize,
+    pub batch_linger: Duration,
+    pub channel_capacity: usize,
+    pub max_payload_bytes: usize,
+    pub retry_max_backoff: Duration,
+    pub rebalance_drain_timeout: Duration,
+    pub pending_cancellation_ttl: Duration,
+    pub pending_check_interval: Duration,
+}
+
+/// Everything the worker needs to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub kafka: KafkaConfig,
+    pub pipeline: PipelineConfig,
+    pub shutdown_timeout: Duration,
+}
+
+/// One documented variable: its name, its default and what it does. The README's table is
+/// generated from the same facts by `booking-worker --help`.
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every variable the worker reads, in the order `--help` lists them.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "DB_HOST",
+        default: "localhost",
+        help: "PostgreSQL host",
+    },
+    Variable {
+        name: "DB_PORT",
+        default: "5432",
+        help: "PostgreSQL port",
+    },
+    Variable {
+        name: "DB_USER",
+        default: "postgres",
+        help: "PostgreSQL user",
+    },
+    Variable {
+        name: "DB_PASSWORD",
+        default: "postgres",
+        help: "PostgreSQL password (never logged)",
+    },
+    Variable {
+        name: "DB_NAME",
+        default: "booking_management",
+        help: "PostgreSQL database",
+    },
+    Variable {
+        name: "DB_SSLMODE",
+        default: "prefer",
+        help: "disable, prefer, require, verify-ca or verify-full",
+    },
+    Variable {
+        name: "DB_SSLROOTCERT",
+        default: "",
+        help: "CA certificate file for verify-ca / verify-full",
+    },
+    Variable {
+        name: "DB_POOL_SIZE",
+        default: "WRITER_THREADS + 2",
+        help: "connections in the r2d2 pool",
+    },
+    Variable {
+        name: "DB_CONNECT_TIMEOUT_SECS",
+        default: "5",
+        help: "seconds to wait for a connection",
+    },
+    Variable {
+        name: "KAFKA_BROKERS",
+        default: "localhost:9092",
+        help: "bootstrap servers, comma-separated",
+    },
+    Variable {
+        name: "KAFKA_GROUP_ID",
+        default: "booking-worker",
+        help: "consumer group id",
+    },
+    Variable {
+        name: "KAFKA_BOOKING_TOPIC",
+        default: "booking-events",
+        help: "topic of booking events",
+    },
+    Variable {
+        name: "KAFKA_CANCELLATION_TOPIC",
+        default: "booking-cancellations",
+        help: "topic of cancellations",
+    },
+    Variable {
+        name: "KAFKA_QUEUED_MAX_KBYTES",
+        default: "1024",
+        help: "librdkafka prefetch buffer per partition, KiB",
+    },
+    Variable {
+        name: "KAFKA_FETCH_MAX_BYTES",
+        default: "4194304",
+        help: "largest fetch response, bytes",
+    },
+    Variable {
+        name: "KAFKA_PROP_<NAME>",
+        default: "",
+        help: "any librdkafka property: KAFKA_PROP_SECURITY_PROTOCOL=ssl sets security.protocol",
+    },
+    Variable {
+        name: "WRITER_THREADS",
+        default: "2",
+        help: "writer threads",
+    },
+    Variable {
+        name: "BATCH_SIZE",
+        default: "500",
+        help: "events per database transaction, at most",
+    },
+    Variable {
+        name: "BATCH_LINGER_MS",
+        default: "5",
+        help: "how long a writer waits to fill a batch",
+    },
+    Variable {
+        name: "CHANNEL_CAPACITY",
+        default: "1024",
+        help: "events queued per writer before consumption pauses",
+    },
+    Variable {
+        name: "MAX_PAYLOAD_BYTES",
+        default: "65536",
+        help: "larger records are dead-lettered as payload_too_large",
+    },
+    Variable {
+        name: "RETRY_MAX_BACKOFF_MS",
+        default: "5000",
+        help: "cap of the backoff between database retries",
+    },
+    Variable {
+        name: "REBALANCE_DRAIN_TIMEOUT_SECS",
+        default: "30",
+        help: "how long a revocation waits for in-flight events",
+    },
+    Variable {
+        name: "PENDING_CANCELLATION_TTL_SECS",
+        default: "86400",
+        help: "parked cancellations older than this are dead-lettered",
+    },
+    Variable {
+        name: "PENDING_CHECK_INTERVAL_SECS",
+        default: "60",
+        help: "how often parked cancellations are checked for expiry",
+    },
+    Variable {
+        name: "SHUTDOWN_TIMEOUT_SECS",
+        default: "30",
+        help: "deadline for a clean shutdown after SIGINT/SIGTERM",
+    },
+    Variable {
+        name: "LOG_LEVEL",
+        default: "info",
+        help: "error, warn, info, debug or trace (RUST_LOG wins when set)",
+    },
+];
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Config::from_vars(&vars)
+    }
+
+    /// Reads the configuration from `(name, value)` pairs, as the environment would give them.
+    pub fn from_vars(vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let env = Env { vars };
+        let writers = env.number("WRITER_THREADS", 2usize, 1, 256)?;
+        let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 4 * 1024 * 1024u64, 1024, 1 << 30)?;
+        let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 1024u64, 1, 2_097_151)?;
+
+        let database = DatabaseConfig {
+            host: env.text("DB_HOST", "localhost")?,
+            port: env.number("DB_PORT", 5432u16, 1, u16::MAX)?,
+            user: env.text("DB_USER", "postgres")?,
+            password: env.raw("DB_PASSWORD").unwrap_or("postgres").to_string(),
+            name: env.text("DB_NAME", "booking_management")?,
+            sslmode: match env.raw("DB_SSLMODE") {
+                None | Some("") => SslMode::Prefer,
+                Some(v) => SslMode::parse(v).ok_or_else(|| {
+                    invalid(
+                        "DB_SSLMODE",
+                        v,
+                        "one of disable, prefer, require, verify-ca, verify-full",
+                    )
+                })?,
+            },
+            sslrootcert: env.raw("DB_SSLROOTCERT").filter(|v| !v.is_empty()).map(str::to_string),
+            pool_size: env.number("DB_POOL_SIZE", writers as u32 + 2, 1, 1000)?,
+            connect_timeout: Duration::from_secs(env.number("DB_CONNECT_TIMEOUT_SECS", 5u64, 1, 3600)?),
+        };
+
+        let mut properties: Vec<(String, String)> = vec![
+            ("queued.max.messages.kbytes".into(), queued_kbytes.to_string()),
+            ("fetch.max.bytes".into(), fetch_max_bytes.to_string()),
+            (
+                "max.partition.fetch.bytes".into(),
+                fetch_max_bytes.min(1024 * 1024).to_string(),
+            ),
+            (
+                "receive.message.max.bytes".into(),
+                (fetch_max_bytes + 1024 * 1024).to_string(),
+            ),
+        ];
+        let mut passthrough: Vec<(String, String)> = vars
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix(KAFKA_PROPERTY_PREFIX)?;
+                Some((name.to_ascii_lowercase().replace('_', "."), v.clone()))
+            })
+            .collect();
+        passthrough.sort();
+        for (name, value) in passthrough {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
+                return Err(invalid(
+                    &format!("{KAFKA_PROPERTY_PREFIX}{name}"),
+                    &value,
+                    "a librdkafka property name after the prefix, such as KAFKA_PROP_SECURITY_PROTOCOL",
+                ));
+            }
+            properties.retain(|(k, _)| *k != name);
+            properties.push((name, value));
+        }
+
+        let kafka = KafkaConfig {
+            brokers: env.text("KAFKA_BROKERS", "localhost:9092")?,
+            group_id: env.text("KAFKA_GROUP_ID", "booking-worker")?,
+            booking_topic: env.text("KAFKA_BOOKING_TOPIC", "booking-events")?,
+            cancellation_topic: env.text("KAFKA_CANCELLATION_TOPIC", "booking-cancellations")?,
+            properties,
+        };
+        if kafka.booking_topic == kafka.cancellation_topic {
+            return Err(invalid(
+                "KAFKA_CANCELLATION_TOPIC",
+                &kafka.cancellation_topic,
+                "a topic different from KAFKA_BOOKING_TOPIC",
+            ));
+        }
+
+        let pipeline = PipelineConfig {
+            writers,
+            batch_size: env.number("BATCH_SIZE", 500usize, 1, 100_000)?,
+            batch_linger: Duration::from_millis(env.number("BATCH_LINGER_MS", 5u64, 0, 60_000)?),
+            channel_capacity: env.number("CHANNEL_CAPACITY", 1024usize, 1, 1_000_000)?,
+            max_payload_bytes: env.number("MAX_PAYLOAD_BYTES", 65_536usize, 256, 64 << 20)?,
+            retry_max_backoff: Duration::from_millis(env.number("RETRY_MAX_BACKOFF_MS", 5_000u64, 10, 600_000)?),
+            rebalance_drain_timeout: Duration::from_secs(env.number("REBALANCE_DRAIN_TIMEOUT_SECS", 30u64, 0, 3600)?),
+            pending_cancellation_ttl: Duration::from_secs(env.number(
+                "PENDING_CANCELLATION_TTL_SECS",
+                86_400u64,
+                1,
+                365 * 86_400,
+            )?),
+            pending_check_interval: Duration::from_secs(env.number("PENDING_CHECK_INTERVAL_SECS", 60u64, 1, 86_400)?),
+        };
+
+        Ok(Config {
+            database,
+            kafka,
+            pipeline,
+            shutdown_timeout: Duration::from_secs(env.number("SHUTDOWN_TIMEOUT_SECS", 30u64, 1, 3600)?),
+        })
+    }
+}
+
+/// The log level that `LOG_LEVEL` names, checked; `RUST_LOG` is read by the logger itself.
+pub fn log_level_from_env() -> Result<String, ConfigError> {
+    match std::env::var("LOG_LEVEL") {
+        Err(_) => Ok("info".to_string()),
+        Ok(v) => parse_log_level(&v),
+    }
+}
+
+fn parse_log_level(value: &str) -> Result<String, ConfigError> {
+    let lower = value.trim().to_ascii_lowercase();
+    match lower.as_str() {
+        "" => Ok("info".to_string()),
+        "error" | "warn" | "info" | "debug" | "trace" | "off" => Ok(lower),
+        "warning" => Ok("warn".to_string()),
+        _ => Err(invalid(
+            "LOG_LEVEL",
+            value,
+            "one of error, warn, info, debug, trace, off",
+        )),
+    }
+}
+
+fn invalid(variable: &str, value: &str, expected: &str) -> ConfigError {
+    ConfigError {
+        variable: variable.to_string(),
+        value: value.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+struct Env<'a> {
+    vars: &'a [(String, String)],
+}
+
+impl Env<'_> {
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.vars.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// A non-empty string; unset or empty gives the default.
+    fn text(&self, name: &str, default: &str) -> Result<String, ConfigError> {
+        match self.raw(name).map(str::trim) {
+            None | Some("") => Ok(default.to_string()),
+            Some(v) if v.chars().any(char::is_control) => Err(invalid(name, v, "text without control characters")),
+            Some(v) => Ok(v.to_string()),
+        }
+    }
+
+    /// An integer within `[min, max]`; unset or empty gives the default.
+    fn number<T>(&self, name: &str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        match self.raw(name).map(str::trim) {
+            None | Some("") => Ok(default),
+            Some(v) => match v.parse::<T>() {
+                Ok(n) if n >= min && n <= max => Ok(n),
+                _ => Err(invalid(name, v, &format!("an integer from {min} to {max}"))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_go_worker() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.database.host, "localhost");
+        assert_eq!(c.database.port, 5432);
+        assert_eq!(c.database.user, "postgres");
+        assert_eq!(c.database.password, "postgres");
+        assert_eq!(c.database.name, "booking_management");
+        assert_eq!(c.kafka.brokers, "localhost:9092");
+        assert_eq!(c.kafka.booking_topic, "booking-events");
+        assert_eq!(c.kafka.cancellation_topic, "booking-cancellations");
+        assert_eq!(c.pipeline.writers, 2);
+        assert_eq!(c.database.pool_size, 4);
+        assert_eq!(c.database.sslmode, SslMode::Prefer);
+    }
+
+    #[test]
+    fn values_are_read_and_trimmed() {
+        let c = Config::from_vars(&vars(&[
+            ("DB_HOST", " db.internal "),
+            ("DB_PORT", "6543"),
+            ("WRITER_THREADS", "8"),
+            ("BATCH_LINGER_MS", "0"),
+            ("DB_SSLMODE", "verify-full"),
+        ]))
+        .unwrap();
+        assert_eq!(c.database.host, "db.internal");
+        assert_eq!(c.database.port, 6543);
+        assert_eq!(c.pipeline.writers, 8);
+        assert_eq!(c.database.pool_size, 10);
+        assert_eq!(c.pipeline.batch_linger, Duration::ZERO);
+        assert_eq!(c.database.sslmode, SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_what_it_accepts() {
+        for (name, value, expected) in [
+            ("DB_PORT", "http", "an integer from 1 to 65535"),
+            ("DB_PORT", "0", "an integer from 1 to 65535"),
+            ("WRITER_THREADS", "-1", "an integer from 1 to 256"),
+            ("BATCH_SIZE", "1e3", "an integer from 1 to 100000"),
+            (
+                "DB_SSLMODE",
+                "maybe",
+                "one of disable, prefer, require, verify-ca, verify-full",
+            ),
+        ] {
+            let err = Config::from_vars(&vars(&[(name, value)])).unwrap_err();
+            assert_eq!(err.variable, name);
+            assert_eq!(err.expected, expected);
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_same_topic_twice_is_refused() {
+        let err = Config::from_vars(&vars(&[
+            ("KAFKA_BOOKING_TOPIC", "t"),
+            ("KAFKA_CANCELLATION_TOPIC", "t"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "KAFKA_CANCELLATION_TOPIC");
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_and_override_defaults() {
+        let c = Config::from_vars(&vars(&[
+            ("KAFKA_PROP_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("KAFKA_PROP_QUEUED_MAX_MESSAGES_KBYTES", "2048"),
+        ]))
+        .unwrap();
+        let get = |name: &str| {
+            c.kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(get("security.protocol"), ["sasl_ssl"]);
+        assert_eq!(get("queued.max.messages.kbytes"), ["2048"]);
+        assert_eq!(get("fetch.max.bytes"), ["4194304"]);
+    }
+
+    #[test]
+    fn a_malformed_property_name_is_refused() {
+        let err = Config::from_vars(&vars(&[("KAFKA_PROP_", "x")])).unwrap_err();
+        assert!(err.variable.starts_with("KAFKA_PROP_"));
+    }
+
+    #[test]
+    fn the_password_is_never_printed() {
+        let c = Config::from_vars(&vars(&[("DB_PASSWORD", "s3cret-value")])).unwrap();
+        assert!(!format!("{c:?}").contains("s3cret-value"));
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(parse_log_level("DEBUG").unwrap(), "debug");
+        assert_eq!(parse_log_level("warning").unwrap(), "warn");
+        assert_eq!(parse_log_level("loud").unwrap_err().variable, "LOG_LEVEL");
+    }
+}

@@ -1,0 +1,364 @@
+//! What each event does to the database: the booking handler, the cancellation handler, and the
+//! expiry of parked cancellations. A whole batch is applied in one transaction, and every record in
+//! it gets exactly one [`Outcome`].
+//!
+//! The rules (see the README's Architecture section): idempotent by booking id; only the owner
+//! cancels; only Accepted becomes Cancelled; a cancellation that arrives before its booking is
+//! parked and applied when the booking is created; bookings are serialized by advisory locks.
+
+use crate::database::DbError;
+use crate::models::{BookingEvent, CancellationEvent, Event, Reason, Rejection};
+use crate::repository::{self, BookingRow, DeadLetter, NewBooking, ParkedCancellation, Parking};
+use crate::writer::Work;
+use diesel::pg::PgConnection;
+use diesel::Connection;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// The end a record reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A booking row was created.
+    Created { id: i32 },
+    /// The booking already existed: a redelivery.
+    Duplicate,
+    /// The booking went from Accepted to Cancelled.
+    Cancelled { id: i32 },
+    /// The booking was already cancelled: nothing changed.
+    AlreadyCancelled { id: i32 },
+    /// The booking does not exist yet: the cancellation waits for it.
+    Parked,
+    /// Stored in the dead letters with its reason.
+    DeadLettered(Rejection),
+}
+
+impl Outcome {
+    /// The outcome's name in logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Created { .. } => "created",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Cancelled { .. } => "cancelled",
+            Outcome::AlreadyCancelled { .. } => "already_cancelled",
+            Outcome::Parked => "parked",
+            Outcome::DeadLettered(_) => "dead_lettered",
+        }
+    }
+}
+
+/// What a committed batch did: one outcome per record of the batch, in order, and the outcomes
+/// of parked cancellations that the batch's new bookings released.
+#[derive(Debug, Default)]
+pub struct BatchResult {
+    pub outcomes: Vec<Outcome>,
+    pub released: Vec<(ParkedCancellation, Outcome)>,
+}
+
+/// A cancellation being decided: from this batch (by index) or released from the parking.
+struct CancelRequest<'a> {
+    booking_ref: &'a str,
+    user_ref: &'a str,
+    origin: Origin,
+}
+
+#[derive(Clone, Copy)]
+enum Origin {
+    Batch(usize),
+    Released(usize),
+}
+
+/// Applies a batch in one transaction. Nothing is written unless all of it is.
+pub fn apply_batch(conn: &mut PgConnection, batch: &[Work]) -> Result<BatchResult, DbError> {
+    conn.transaction(|conn| apply_in_transaction(conn, batch))
+}
+
+fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<BatchResult, DbError> {
+    let mut booking_ids: Vec<&str> = batch.iter().filter_map(Work::event).map(Event::booking_id).collect();
+    booking_ids.sort_unstable();
+    booking_ids.dedup();
+    repository::lock_booking_ids(conn, &booking_ids)?;
+
+    let mut outcomes: Vec<Option<Outcome>> = batch
+        .iter()
+        .map(|w| match w {
+            Work::Reject { rejection, .. } => Some(Outcome::DeadLettered(rejection.clone())),
+            Work::Apply { .. } => None,
+        })
+        .collect();
+
+    let bookings: Vec<(usize, &BookingEvent)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match w.event() {
+            Some(Event::Booking(b)) => Some((i, b)),
+            _ => None,
+        })
+        .collect();
+    let cancellations: Vec<(usize, &CancellationEvent)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match w.event() {
+            Some(Event::Cancellation(c)) => Some((i, c)),
+            _ => None,
+        })
+        .collect();
+
+    let user_refs: Vec<&str> = bookings
+        .iter()
+        .map(|(_, b)| b.user_id.as_str())
+        .chain(cancellations.iter().map(|(_, c)| c.user_id.as_str()))
+        .collect();
+    let mut users = repository::resolve_user_ids(conn, &user_refs)?;
+    let room_refs: Vec<&str> = bookings.iter().map(|(_, b)| b.room_id.as_str()).collect();
+    let rooms = repository::resolve_room_ids(conn, &room_refs)?;
+
+    // Bookings: the first event of a booking id in the batch creates it, later ones are duplicates.
+    let mut seen = HashSet::new();
+    let mut new_bookings: Vec<(usize, NewBooking<'_>)> = Vec::new();
+    for &(i, b) in &bookings {
+        if !seen.insert(b.booking_id.as_str()) {
+            outcomes[i] = Some(Outcome::Duplicate);
+            continue;
+        }
+        let Some(&user_id) = users.get(&b.user_id) else {
+            outcomes[i] = Some(dead(
+                Reason::UnknownUser,
+                format!("no user has id, email or username {:?}", b.user_id),
+            ));
+            continue;
+        };
+        let Some(&room_id) = rooms.get(&b.room_id) else {
+            outcomes[i] = Some(dead(
+                Reason::UnknownRoom,
+                format!("no room has internal id {:?}", b.room_id),
+            ));
+            continue;
+        };
+        new_bookings.push((
+            i,
+            NewBooking {
+                external_id: &b.booking_id,
+                user_id,
+                room_id,
+                guests: b.guests,
+                start_date: b.start_date,
+                end_date: b.end_date,
+                payment_id: &b.payment_id,
+            },
+        ));
+    }
+    let rows: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
+    let created = repository::create_bookings(conn, &rows)?;
+    for (i, nb) in &new_bookings {
+        outcomes[*i] = Some(match created.get(nb.external_id) {
+            Some(&id) => Outcome::Created { id },
+            None => Outcome::Duplicate,
+        });
+    }
+
+    // Cancellations parked for the bookings just created are applied now, before this batch's.
+    let created_refs: Vec<&str> = created.keys().map(String::as_str).collect();
+    let released = repository::take_parked_cancellations(conn, &created_refs)?;
+    let missing_users: Vec<&str> = released
+        .iter()
+        .map(|p| p.user_ref.as_str())
+        .filter(|u| !users.contains_key(*u))
+        .collect();
+    users.extend(repository::resolve_user_ids(conn, &missing_users)?);
+
+    let requests: Vec<CancelRequest<'_>> = released
+        .iter()
+        .enumerate()
+        .map(|(j, p)| CancelRequest {
+            booking_ref: &p.booking_ref,
+            user_ref: &p.user_ref,
+            origin: Origin::Released(j),
+        })
+        .chain(cancellations.iter().map(|&(i, c)| CancelRequest {
+            booking_ref: &c.booking_id,
+            user_ref: &c.user_id,
+            origin: Origin::Batch(i),
+        }))
+        .collect();
+    let refs: Vec<&str> = requests.iter().map(|r| r.booking_ref).collect();
+    let mut targets = Targets::new(repository::find_bookings_for_cancel(conn, &refs)?);
+
+    let mut to_cancel = Vec::new();
+    let mut parkings = Vec::new();
+    let mut released_outcomes: Vec<Option<Outcome>> = vec![None; released.len()];
+    for request in &requests {
+        let outcome = match targets.find(request.booking_ref) {
+            None => {
+                let source = match request.origin {
+                    Origin::Batch(i) => batch[i].meta().source(),
+                    Origin::Released(j) => released[j].source(),
+                };
+                parkings.push(Parking {
+                    source,
+                    booking_ref: request.booking_ref,
+                    user_ref: request.user_ref,
+                });
+                Outcome::Parked
+            }
+            Some(row) => decide_cancel(row, users.get(request.user_ref).copied(), request, &mut to_cancel),
+        };
+        match request.origin {
+            Origin::Batch(i) => outcomes[i] = Some(outcome),
+            Origin::Released(j) => released_outcomes[j] = Some(outcome),
+        }
+    }
+    repository::cancel_bookings(conn, &to_cancel)?;
+    repository::park_cancellations(conn, &parkings)?;
+
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| dead(Reason::DatabaseRejected, "record was not handled")))
+        .collect();
+    let released: Vec<(ParkedCancellation, Outcome)> = released
+        .into_iter()
+        .zip(released_outcomes)
+        .map(|(p, o)| {
+            (
+                p,
+                o.unwrap_or_else(|| dead(Reason::DatabaseRejected, "record was not handled")),
+            )
+        })
+        .collect();
+
+    let mut letters: Vec<DeadLetter<'_>> = Vec::new();
+    for (work, outcome) in batch.iter().zip(&outcomes) {
+        if let Outcome::DeadLettered(r) = outcome {
+            letters.push(DeadLetter {
+                source: work.meta().source(),
+                booking_id: work.event().map(Event::booking_id),
+                reason: r.reason.as_str(),
+                error: &r.error,
+            });
+        }
+    }
+    for (parked, outcome) in &released {
+        if let Outcome::DeadLettered(r) = outcome {
+            letters.push(DeadLetter {
+                source: parked.source(),
+                booking_id: Some(&parked.booking_ref),
+                reason: r.reason.as_str(),
+                error: &r.error,
+            });
+        }
+    }
+    repository::insert_dead_letters(conn, &letters)?;
+
+    Ok(BatchResult { outcomes, released })
+}
+
+fn dead(reason: Reason, error: impl Into<String>) -> Outcome {
+    Outcome::DeadLettered(Rejection::new(reason, error))
+}
+
+/// The rules of cancellation, for a booking that exists.
+fn decide_cancel(
+    row: &mut BookingRow,
+    user_id: Option<i32>,
+    request: &CancelRequest<'_>,
+    to_cancel: &mut Vec<i32>,
+) -> Outcome {
+    let Some(user_id) = user_id else {
+        return dead(
+            Reason::UnknownUser,
+            format!("no user has id, email or username {:?}", request.user_ref),
+        );
+    };
+    if user_id != row.user_id {
+        return dead(
+            Reason::Unauthorized,
+            format!(
+                "user {:?} does not own booking {:?}",
+                request.user_ref, request.booking_ref
+            ),
+        );
+    }
+    match row.status.as_str() {
+        "Accepted" => {
+            row.status = "Cancelled".to_string();
+            to_cancel.push(row.id);
+            Outcome::Cancelled { id: row.id }
+        }
+        "Cancelled" => Outcome::AlreadyCancelled { id: row.id },
+        other => dead(
+            Reason::NotCancellable,
+            format!(
+                "booking {:?} is {other}; only Accepted bookings can be cancelled",
+                request.booking_ref
+            ),
+        ),
+    }
+}
+
+/// The bookings that cancellations refer to, found by external id first and then, for all-digit
+/// references, by row id. Status changes made earlier in the batch are kept here.
+struct Targets {
+    rows: Vec<BookingRow>,
+    by_external: HashMap<String, usize>,
+    by_id: HashMap<i32, usize>,
+}
+
+impl Targets {
+    fn new(rows: Vec<BookingRow>) -> Targets {
+        let by_external = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((r.external_id.clone()?, i)))
+            .collect();
+        let by_id = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        Targets {
+            rows,
+            by_external,
+            by_id,
+        }
+    }
+
+    fn find(&mut self, reference: &str) -> Option<&mut BookingRow> {
+        let index = self.by_external.get(reference).copied().or_else(|| {
+            if reference.bytes().all(|b| b.is_ascii_digit()) {
+                self.by_id.get(&reference.parse::<i32>().ok()?).copied()
+            } else {
+                None
+            }
+        })?;
+        self.rows.get_mut(index)
+    }
+}
+
+/// How many expired parked cancellations one transaction handles.
+const EXPIRY_BATCH: i64 = 500;
+
+/// Dead-letters parked cancellations older than `ttl` as `cancellation_expired`, a batch per
+/// transaction, under the same advisory locks as the writers. Returns what expired.
+pub fn expire_parked(conn: &mut PgConnection, ttl: Duration) -> Result<Vec<ParkedCancellation>, DbError> {
+    let mut expired = Vec::new();
+    loop {
+        let batch = conn.transaction(|conn| -> Result<Vec<ParkedCancellation>, DbError> {
+            let refs = repository::expired_parked_refs(conn, ttl, EXPIRY_BATCH)?;
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            repository::lock_booking_ids(conn, &refs)?;
+            let rows = repository::take_expired_parked(conn, &refs, ttl)?;
+            let error = format!("no booking arrived within {} s", ttl.as_secs());
+            let letters: Vec<DeadLetter<'_>> = rows
+                .iter()
+                .map(|p| DeadLetter {
+                    source: p.source(),
+                    booking_id: Some(&p.booking_ref),
+                    reason: Reason::CancellationExpired.as_str(),
+                    error: &error,
+                })
+                .collect();
+            repository::insert_dead_letters(conn, &letters)?;
+            Ok(rows)
+        })?;
+        let full = batch.len() as i64 >= EXPIRY_BATCH;
+        expired.extend(batch);
+        if !full {
+            return Ok(expired);
+        }
+    }
+}

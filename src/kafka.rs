@@ -1,0 +1,448 @@
+//! The Kafka side: a synchronous rdkafka `BaseConsumer` in a consumer group, one named thread per
+//! assigned topic-partition reading that partition's split queue, and the rebalance handling that
+//! starts and stops those threads and commits durable offsets.
+//!
+//! The rules learned from librdkafka and rust-rdkafka:
+//! - a partition's queue is split in `pre_rebalance`, before `assign()`, or messages race onto the
+//!   main queue;
+//! - the main queue is still polled on its own thread: rebalances, commit results, statistics and
+//!   errors arrive only there, and any message that arrives there is processed all the same;
+//! - a split queue needs a new thread on every assignment;
+//! - on revocation the partition threads are joined, in-flight records drained, and the durable
+//!   watermark committed synchronously unless the assignment was lost.
+
+use crate::baggage::{self, HeaderBaggage};
+use crate::config::KafkaConfig;
+use crate::models::{EventKind, Reason, Rejection};
+use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::shutdown::Shutdown;
+use crate::writer::{Dispatcher, RecordMeta, Work};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a poll blocks before loops look at their stop flags again.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Which contract each subscribed topic carries: the table of topics.
+#[derive(Debug, Clone)]
+pub struct TopicTable {
+    entries: Vec<(String, EventKind)>,
+}
+
+impl TopicTable {
+    pub fn from_config(config: &KafkaConfig) -> TopicTable {
+        TopicTable {
+            entries: vec![
+                (config.booking_topic.clone(), EventKind::Booking),
+                (config.cancellation_topic.clone(), EventKind::Cancellation),
+            ],
+        }
+    }
+
+    pub fn kind(&self, topic: &str) -> Option<EventKind> {
+        self.entries.iter().find(|(t, _)| t == topic).map(|(_, k)| *k)
+    }
+
+    pub fn topics(&self) -> Vec<&str> {
+        self.entries.iter().map(|(t, _)| t.as_str()).collect()
+    }
+}
+
+/// The librdkafka properties of the worker's consumer: safe defaults, then the configured ones.
+pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group_id)
+        .set("client.id", "booking-worker")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("allow.auto.create.topics", "true")
+        .set("enable.partition.eof", "false");
+    for (key, value) in &config.properties {
+        cc.set(key, value);
+    }
+    cc
+}
+
+/// Reads a message's headers as raw bytes. rdkafka's `Headers::get` panics on a header name that is
+/// not UTF-8, so the names and values are read through librdkafka directly.
+pub fn raw_headers(message: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    use rdkafka::bindings as rd;
+    let mut out = Vec::new();
+    // SAFETY: `message.ptr()` is a live rd_kafka_message_t for the lifetime of `message`. The
+    // headers it returns are owned by the message, and each name/value pointer returned by
+    // rd_kafka_header_get_all stays valid while the message lives; both are copied out at once.
+    unsafe {
+        let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+        if rd::rd_kafka_message_headers(message.ptr(), &mut headers)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+            || headers.is_null()
+        {
+            return out;
+        }
+        let count = rd::rd_kafka_header_cnt(headers);
+        for idx in 0..count {
+            let mut name = std::ptr::null();
+            let mut value = std::ptr::null();
+            let mut size = 0usize;
+            let err = rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size);
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                continue;
+            }
+            let name = CStr::from_ptr(name).to_bytes().to_vec();
+            let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec());
+            out.push((name, value));
+        }
+    }
+    out
+}
+
+/// Turns a consumed message into the work for a writer. Never fails: a record that cannot be
+/// decoded becomes a dead letter with its reason.
+pub fn to_work(message: &BorrowedMessage<'_>, kind: EventKind, tp: &TopicPartition, max_payload_bytes: usize) -> Work {
+    let baggage = baggage::find(&raw_headers(message));
+    let meta = RecordMeta {
+        tp: tp.clone(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        baggage: baggage.text().map(str::to_string),
+        received_at: Instant::now(),
+    };
+    if let HeaderBaggage::NotUtf8(_) = baggage {
+        return Work::Reject {
+            meta,
+            rejection: Rejection::new(Reason::InvalidHeader, "the Baggage header value is not UTF-8"),
+        };
+    }
+    match kind.decode(&meta.payload, max_payload_bytes) {
+        Ok(event) => Work::Apply { meta, event },
+        Err(rejection) => Work::Reject { meta, rejection },
+    }
+}
+
+/// A running partition thread and its stop flag.
+struct PartitionThread {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+struct State {
+    dispatcher: Option<Dispatcher>,
+    partitions: HashMap<TopicPartition, PartitionThread>,
+}
+
+/// The consumer's context: it owns the partition threads and reacts to rebalances.
+pub struct WorkerContext {
+    consumer: OnceLock<Weak<BaseConsumer<WorkerContext>>>,
+    topics: TopicTable,
+    tracker: Arc<OffsetTracker>,
+    state: Mutex<State>,
+    max_payload_bytes: usize,
+    drain_timeout: Duration,
+    assigned: AtomicBool,
+}
+
+impl WorkerContext {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            log::error!("rebalance before the consumer was ready; partitions fall back to the main queue");
+            return;
+        };
+        let mut state = self.lock();
+        let Some(dispatcher) = state.dispatcher.clone() else {
+            return;
+        };
+        for elem in tpl.elements() {
+            let tp = TopicPartition::new(elem.topic(), elem.partition());
+            let Some(kind) = self.topics.kind(elem.topic()) else {
+                log::error!(topic = elem.topic(); "assigned a topic that is not in the table of topics");
+                continue;
+            };
+            self.tracker.assign(&tp);
+            let Some(queue) = consumer.split_partition_queue(elem.topic(), elem.partition()) else {
+                log::error!(topic = elem.topic(), partition = elem.partition();
+                    "could not split the partition queue; its records arrive on the main queue");
+                continue;
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let reader = PartitionReader {
+                queue,
+                tp: tp.clone(),
+                kind,
+                dispatcher: dispatcher.clone(),
+                stop: Arc::clone(&stop),
+                max_payload_bytes: self.max_payload_bytes,
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("consume-{}-{}", tp.topic, tp.partition))
+                .spawn(move || reader.run());
+            match spawned {
+                Ok(handle) => {
+                    if let Some(old) = state.partitions.insert(tp.clone(), PartitionThread { stop, handle }) {
+                        stop_threads(vec![old]);
+                    }
+                    log::info!(topic = elem.topic(), partition = elem.partition(); "partition assigned");
+                }
+                Err(e) => log::error!(error = e.to_string(); "could not start a partition thread"),
+            }
+        }
+        self.assigned.store(!state.partitions.is_empty(), Ordering::SeqCst);
+    }
+
+    /// Stops the threads of the given partitions, waits for their in-flight records, and commits
+    /// the durable watermark.
+    fn revoke(&self, consumer: &BaseConsumer<WorkerContext>, tpl: &TopicPartitionList) {
+        let tps: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect();
+        let threads: Vec<PartitionThread> = {
+            let mut state = self.lock();
+            let threads = tps.iter().filter_map(|tp| state.partitions.remove(tp)).collect();
+            self.assigned.store(!state.partitions.is_empty(), Ordering::SeqCst);
+            threads
+        };
+        stop_threads(threads);
+        let left = self.tracker.wait_drained(&tps, self.drain_timeout);
+        if left > 0 {
+            log::warn!(in_flight = left; "revoking with records still in flight; they will be consumed again");
+        }
+        let offsets = self.tracker.committable(&tps);
+        for tp in &tps {
+            self.tracker.revoke(tp);
+        }
+        if consumer.assignment_lost() {
+            log::warn!(partitions = tps.len(); "assignment lost; not committing");
+        } else {
+            commit(consumer, &offsets);
+        }
+        for tp in &tps {
+            log::info!(topic = tp.topic.as_ref(), partition = tp.partition; "partition revoked");
+        }
+    }
+
+    /// Stops every partition thread (shutdown).
+    fn stop_all(&self) {
+        let threads: Vec<PartitionThread> = self.lock().partitions.drain().map(|(_, t)| t).collect();
+        stop_threads(threads);
+    }
+
+    /// Whether the consumer currently holds at least one partition.
+    pub fn has_assignment(&self) -> bool {
+        self.assigned.load(Ordering::SeqCst)
+    }
+}
+
+fn stop_threads(threads: Vec<PartitionThread>) {
+    for t in &threads {
+        t.stop.store(true, Ordering::SeqCst);
+    }
+    for t in threads {
+        let name = t.handle.thread().name().unwrap_or("partition").to_string();
+        if t.handle.join().is_err() {
+            log::error!(thread = name; "partition thread panicked");
+        }
+    }
+}
+
+/// Commits explicit offsets synchronously, logging the result.
+fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64)]) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (tp, offset) in offsets {
+        if let Err(e) = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset)) {
+            log::error!(error = e.to_string(); "could not build the commit list");
+            return;
+        }
+    }
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => log::info!(partitions = offsets.len(); "offsets committed"),
+        Err(e) => {
+            log::warn!(error = e.to_string(); "offset commit failed; records since the last commit will be consumed again")
+        }
+    }
+}
+
+impl ClientContext for WorkerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log::error!(target: "librdkafka", error = error.to_string(); "kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.assign(tpl),
+            Rebalance::Revoke(tpl) => self.revoke(consumer, tpl),
+            Rebalance::Error(e) => log::error!(error = e.to_string(); "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => log::debug!(partitions = offsets.count(); "offsets committed"),
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => log::warn!(error = e.to_string(); "offset commit failed"),
+        }
+    }
+}
+
+/// Reads one partition's split queue and hands its records to the writers.
+struct PartitionReader {
+    queue: PartitionQueue<WorkerContext>,
+    tp: TopicPartition,
+    kind: EventKind,
+    dispatcher: Dispatcher,
+    stop: Arc<AtomicBool>,
+    max_payload_bytes: usize,
+}
+
+impl PartitionReader {
+    fn run(self) {
+        let stopped = || self.stop.load(Ordering::SeqCst);
+        while !stopped() {
+            match self.queue.poll(POLL_INTERVAL) {
+                None => {}
+                Some(Err(e)) => log::warn!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
+                    error = e.to_string(); "partition consume error"),
+                Some(Ok(message)) => {
+                    let work = to_work(&message, self.kind, &self.tp, self.max_payload_bytes);
+                    if !self.dispatcher.dispatch(work, &stopped) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The group member: the consumer, its context and the thread that polls its main queue.
+pub struct Worker {
+    consumer: Arc<BaseConsumer<WorkerContext>>,
+    dispatcher: Dispatcher,
+    topics: TopicTable,
+    max_payload_bytes: usize,
+}
+
+impl Worker {
+    /// Creates the consumer and subscribes to the configured topics.
+    pub fn start(
+        config: &KafkaConfig,
+        dispatcher: Dispatcher,
+        tracker: Arc<OffsetTracker>,
+        max_payload_bytes: usize,
+        drain_timeout: Duration,
+    ) -> Result<Worker, KafkaError> {
+        let topics = TopicTable::from_config(config);
+        let context = WorkerContext {
+            consumer: OnceLock::new(),
+            topics: topics.clone(),
+            tracker,
+            state: Mutex::new(State {
+                dispatcher: Some(dispatcher.clone()),
+                partitions: HashMap::new(),
+            }),
+            max_payload_bytes,
+            drain_timeout,
+            assigned: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<WorkerContext> = consumer_config(config).create_with_context(context)?;
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        consumer.subscribe(&topics.topics())?;
+        log::info!(brokers = config.brokers.as_str(), group_id = config.group_id.as_str(),
+            topics = topics.topics().join(","); "subscribed");
+        Ok(Worker {
+            consumer,
+            dispatcher,
+            topics,
+            max_payload_bytes,
+        })
+    }
+
+    pub fn context(&self) -> &WorkerContext {
+        self.consumer.context()
+    }
+
+    /// Polls the main queue until shutdown, storing durable offsets as they advance. On return the
+    /// partition threads are stopped and this worker's channel senders are dropped.
+    pub fn poll_until(self, shutdown: &Shutdown) -> Arc<BaseConsumer<WorkerContext>> {
+        while !shutdown.is_triggered() {
+            match self.consumer.poll(POLL_INTERVAL) {
+                None => {}
+                Some(Ok(message)) => self.stray_message(&message, shutdown),
+                Some(Err(e)) => log::warn!(error = e.to_string(); "consumer error"),
+            }
+            self.store_progress();
+        }
+        log::info!("shutdown: stopping partition threads");
+        let context = self.consumer.context();
+        context.stop_all();
+        context.lock().dispatcher = None;
+        self.store_progress();
+        self.consumer
+    }
+
+    /// A message on the main queue (a partition whose queue could not be split) is processed like
+    /// any other, never dropped.
+    fn stray_message(&self, message: &BorrowedMessage<'_>, shutdown: &Shutdown) {
+        let Some(kind) = self.topics.kind(message.topic()) else {
+            log::error!(topic = message.topic(); "message from a topic that is not in the table of topics");
+            return;
+        };
+        let tp = TopicPartition::new(message.topic(), message.partition());
+        let work = to_work(message, kind, &tp, self.max_payload_bytes);
+        self.dispatcher.dispatch(work, &|| shutdown.is_triggered());
+    }
+
+    fn store_progress(&self) {
+        store(&self.consumer, &self.context().tracker.take_changed());
+    }
+}
+
+fn store(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64)]) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (tp, offset) in offsets {
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        log::debug!(error = e.to_string(); "could not store offsets");
+    }
+}
+
+/// After the writers have drained: commit every durable watermark synchronously.
+pub fn commit_final(consumer: &BaseConsumer<WorkerContext>) {
+    let tracker = &consumer.context().tracker;
+    tracker.take_changed();
+    let assignment: Vec<TopicPartition> = match consumer.assignment() {
+        Ok(tpl) => tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    commit(consumer, &tracker.committable(&assignment));
+}
