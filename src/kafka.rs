@@ -68,7 +68,8 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "true")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("topic.metadata.refresh.interval.ms", "10000");
     for (key, value) in &config.properties {
         cc.set(key, value);
     }
@@ -262,7 +263,7 @@ fn stop_threads(threads: Vec<PartitionThread>) {
     }
 }
 
-/// Commits explicit offsets synchronously, logging the result.
+/// Stores and commits explicit offsets synchronously, logging the result.
 fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64)]) {
     if offsets.is_empty() {
         return;
@@ -273,6 +274,11 @@ fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i6
             log::error!(error = e.to_string(); "could not build the commit list");
             return;
         }
+    }
+    // Store first: librdkafka commits its stored offsets again when partitions are unassigned,
+    // and a stale stored offset would move the committed position back.
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        log::debug!(error = e.to_string(); "could not store offsets before committing");
     }
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => log::info!(partitions = offsets.len(); "offsets committed"),

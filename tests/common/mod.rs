@@ -1,0 +1,649 @@
+//! Shared integration-test support: reaching the real Kafka broker and PostgreSQL started by
+//! `scripts/test.sh`, a fresh database per test, a producer, the worker as a child process with its
+//! log lines captured, and a TCP proxy that can cut the database away.
+#![allow(dead_code)]
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientConfig, ClientContext};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Where the services are, from the environment `scripts/test.sh` sets.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub brokers: String,
+    pub db_host: String,
+    pub db_port: u16,
+    pub db_user: String,
+    pub db_password: String,
+    pub db_name: String,
+}
+
+fn reachable(host: &str, port: u16) -> bool {
+    match (host, port).to_socket_addrs() {
+        Ok(addrs) => addrs
+            .into_iter()
+            .any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()),
+        Err(_) => false,
+    }
+}
+
+/// The services, or `None` (with a loud message) when they are not reachable and not required.
+/// Under `BOOKING_WORKER_REQUIRE_SERVICES=1` (set by `scripts/test.sh`) a missing service fails
+/// the test instead.
+pub fn services() -> Option<Services> {
+    services_from(&|name| std::env::var(name).ok())
+}
+
+/// [`services`] with the environment given as a lookup function.
+pub fn services_from(env: &dyn Fn(&str) -> Option<String>) -> Option<Services> {
+    let env_or = |name: &str, default: &str| {
+        env(name)
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default.to_string())
+    };
+    let s = Services {
+        brokers: env_or("KAFKA_BROKERS", "localhost:9092"),
+        db_host: env_or("DB_HOST", "localhost"),
+        db_port: env_or("DB_PORT", "5432")
+            .parse()
+            .expect("DB_PORT must be a port number"),
+        db_user: env_or("DB_USER", "postgres"),
+        db_password: env_or("DB_PASSWORD", "postgres"),
+        db_name: env_or("DB_NAME", "booking_management"),
+    };
+    let broker = s.brokers.split(',').next().unwrap_or_default().trim().to_string();
+    let (bhost, bport) = broker.rsplit_once(':').unwrap_or((broker.as_str(), "9092"));
+    let mut missing = Vec::new();
+    if !reachable(bhost, bport.parse().unwrap_or(9092)) {
+        missing.push(format!("Kafka broker at {broker}"));
+    }
+    if !reachable(&s.db_host, s.db_port) {
+        missing.push(format!("PostgreSQL at {}:{}", s.db_host, s.db_port));
+    }
+    if missing.is_empty() {
+        return Some(s);
+    }
+    let message = format!(
+        "{} not reachable (run the tests with scripts/test.sh)",
+        missing.join(" and ")
+    );
+    if env("BOOKING_WORKER_REQUIRE_SERVICES").as_deref() == Some("1") {
+        panic!("required service missing: {message}");
+    }
+    eprintln!("SKIPPED: {message}");
+    None
+}
+
+/// A unique name for this test's topics, groups and database.
+pub fn unique(tag: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A database of its own for one test, with booking-management's schema and the worker's
+/// migrations. Dropped at the end.
+pub struct TestDb {
+    pub services: Services,
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn create(services: &Services, tag: &str) -> TestDb {
+        let name = unique(&format!("bw_{tag}")).to_lowercase();
+        let mut admin = PgConnection::establish(&services.url(&services.db_name)).expect("connect to PostgreSQL");
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .expect("create test database");
+        let db = TestDb {
+            services: services.clone(),
+            name,
+        };
+        let mut conn = db.conn();
+        conn.batch_execute(include_str!("../../sql/schema.sql"))
+            .expect("load schema.sql");
+        booking_worker::repository::migrate(&mut conn).expect("worker migrations");
+        db
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.services.url(&self.name)).expect("connect to the test database")
+    }
+
+    pub fn exec(&self, sql: &str) {
+        self.conn().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Inserts a user and returns its id.
+    pub fn user(&self, email: &str, username: &str) -> i32 {
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = Integer)]
+            id: i32,
+        }
+        let row: Id = diesel::sql_query(
+            "INSERT INTO users (email, username, name, surname) VALUES ($1, $2, 'Test', 'User') RETURNING id",
+        )
+        .bind::<Text, _>(email)
+        .bind::<Text, _>(username)
+        .get_result(&mut self.conn())
+        .expect("insert user");
+        row.id
+    }
+
+    /// Inserts a room and returns its id.
+    pub fn room(&self, internal_id: &str) -> i32 {
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = Integer)]
+            id: i32,
+        }
+        let row: Id = diesel::sql_query(
+            "INSERT INTO rooms (internal_id, name, floor, bathrooms, beds, capacity)
+             VALUES ($1, 'Room', 1, 1, 2, 4) RETURNING id",
+        )
+        .bind::<Text, _>(internal_id)
+        .get_result(&mut self.conn())
+        .expect("insert room");
+        row.id
+    }
+
+    pub fn bookings(&self) -> Vec<BookingRow> {
+        diesel::sql_query(
+            "SELECT id, user_id, room_id, number_of_guests, start_date::text AS start_date,
+                    end_date::text AS end_date, payment_id, status, external_id,
+                    (updated_at > created_at) AS updated
+               FROM bookings ORDER BY id",
+        )
+        .load(&mut self.conn())
+        .expect("read bookings")
+    }
+
+    pub fn booking(&self, external_id: &str) -> Option<BookingRow> {
+        self.bookings()
+            .into_iter()
+            .find(|b| b.external_id.as_deref() == Some(external_id))
+    }
+
+    pub fn dead_letters(&self) -> Vec<DeadLetterRow> {
+        diesel::sql_query(
+            "SELECT topic, kafka_partition, kafka_offset, booking_id, reason, error, baggage,
+                    octet_length(payload)::bigint AS payload_len
+               FROM booking_worker.dead_letters ORDER BY id",
+        )
+        .load(&mut self.conn())
+        .expect("read dead letters")
+    }
+
+    pub fn parked(&self) -> Vec<String> {
+        #[derive(QueryableByName)]
+        struct Ref {
+            #[diesel(sql_type = Text)]
+            booking_ref: String,
+        }
+        let rows: Vec<Ref> =
+            diesel::sql_query("SELECT booking_ref FROM booking_worker.pending_cancellations ORDER BY id")
+                .load(&mut self.conn())
+                .expect("read parked cancellations");
+        rows.into_iter().map(|r| r.booking_ref).collect()
+    }
+
+    /// Everything the worker writes, as comparable text: bookings, dead letters, parked rows.
+    pub fn snapshot(&self) -> String {
+        #[derive(QueryableByName)]
+        struct Snap {
+            #[diesel(sql_type = Text)]
+            s: String,
+        }
+        let row: Snap = diesel::sql_query(
+            "SELECT concat_ws(E'\\n',
+                (SELECT string_agg(concat_ws('|', id, user_id, room_id, number_of_guests, start_date, end_date,
+                                             payment_id, status, external_id, created_at, updated_at), E'\\n' ORDER BY id)
+                   FROM bookings),
+                (SELECT string_agg(concat_ws('|', id, topic, kafka_partition, kafka_offset, reason), E'\\n' ORDER BY id)
+                   FROM booking_worker.dead_letters),
+                (SELECT string_agg(concat_ws('|', id, booking_ref, kafka_offset), E'\\n' ORDER BY id)
+                   FROM booking_worker.pending_cancellations)) AS s",
+        )
+        .get_result(&mut self.conn())
+        .expect("snapshot");
+        row.s
+    }
+
+    /// Worker environment pointing at this database.
+    pub fn worker_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DB_HOST".into(), self.services.db_host.clone()),
+            ("DB_PORT".into(), self.services.db_port.to_string()),
+            ("DB_USER".into(), self.services.db_user.clone()),
+            ("DB_PASSWORD".into(), self.services.db_password.clone()),
+            ("DB_NAME".into(), self.name.clone()),
+            ("DB_SSLMODE".into(), "disable".into()),
+            ("KAFKA_BROKERS".into(), self.services.brokers.clone()),
+        ]
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = PgConnection::establish(&self.services.url(&self.services.db_name)) {
+            let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
+        }
+    }
+}
+
+impl Services {
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "host='{}' port={} user='{}' password='{}' dbname='{}' sslmode=disable",
+            self.db_host, self.db_port, self.db_user, self.db_password, db
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct BookingRow {
+    #[diesel(sql_type = Integer)]
+    pub id: i32,
+    #[diesel(sql_type = Integer)]
+    pub user_id: i32,
+    #[diesel(sql_type = Integer)]
+    pub room_id: i32,
+    #[diesel(sql_type = Integer)]
+    pub number_of_guests: i32,
+    #[diesel(sql_type = Text)]
+    pub start_date: String,
+    #[diesel(sql_type = Text)]
+    pub end_date: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub payment_id: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub external_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub updated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct DeadLetterRow {
+    #[diesel(sql_type = Text)]
+    pub topic: String,
+    #[diesel(sql_type = Integer)]
+    pub kafka_partition: i32,
+    #[diesel(sql_type = BigInt)]
+    pub kafka_offset: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub booking_id: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    #[diesel(sql_type = Text)]
+    pub error: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub baggage: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    pub payload_len: i64,
+}
+
+/// Counts delivery failures so a test can insist on none.
+#[derive(Default)]
+pub struct DeliveryCheck {
+    pub failed: AtomicUsize,
+}
+
+impl ClientContext for DeliveryCheck {}
+
+impl ProducerContext for DeliveryCheck {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            eprintln!("delivery failed: {e}");
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A synchronous producer for test records.
+pub struct TestProducer {
+    producer: BaseProducer<DeliveryCheck>,
+}
+
+impl TestProducer {
+    pub fn new(services: &Services) -> TestProducer {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", &services.brokers)
+            .set("message.max.bytes", "4000000")
+            .set("compression.type", "zstd")
+            .set("linger.ms", "5")
+            .create_with_context(DeliveryCheck::default())
+            .expect("create producer");
+        TestProducer { producer }
+    }
+
+    /// Sends one record, keyed, with optional raw headers.
+    pub fn send(&self, topic: &str, key: &str, payload: &[u8], headers: &[(&str, &[u8])]) {
+        let mut owned = OwnedHeaders::new();
+        for (name, value) in headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(owned);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    self.producer.poll(Duration::from_millis(50));
+                    record = r;
+                }
+                Err((e, _)) => panic!("produce to {topic}: {e}"),
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Waits until everything sent is acknowledged, and insists nothing failed.
+    pub fn flush(&self) {
+        self.producer.flush(Duration::from_secs(30)).expect("flush producer");
+        assert_eq!(
+            self.producer.context().failed.load(Ordering::SeqCst),
+            0,
+            "deliveries failed"
+        );
+    }
+
+    /// Sends a record with a header whose name is not UTF-8. rdkafka's safe API only takes `&str`
+    /// names, so this goes through librdkafka's `rd_kafka_produceva`.
+    pub fn send_raw_header_name(&self, topic: &str, key: &str, payload: &[u8], name: &[u8], value: &[u8]) {
+        use rdkafka::bindings as rd;
+        use rdkafka::bindings::rd_kafka_vtype_t as V;
+        let topic = std::ffi::CString::new(topic).expect("topic without NUL");
+        let name = std::ffi::CString::new(name).expect("header name without NUL");
+        let vu = |vtype: V, u: rd::rd_kafka_vu_s__bindgen_ty_1| rd::rd_kafka_vu_t { vtype, u };
+        // SAFETY: the headers object is handed to librdkafka (which owns it after a successful
+        // produce and is destroyed here otherwise); every pointer outlives the call, and
+        // RD_KAFKA_MSG_F_COPY makes librdkafka copy key and value before returning.
+        unsafe {
+            let headers = rd::rd_kafka_headers_new(1);
+            rd::rd_kafka_header_add(headers, name.as_ptr(), -1, value.as_ptr().cast(), value.len() as isize);
+            let vus = [
+                vu(
+                    V::RD_KAFKA_VTYPE_TOPIC,
+                    rd::rd_kafka_vu_s__bindgen_ty_1 { cstr: topic.as_ptr() },
+                ),
+                vu(
+                    V::RD_KAFKA_VTYPE_KEY,
+                    rd::rd_kafka_vu_s__bindgen_ty_1 {
+                        mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                            ptr: key.as_ptr() as *mut _,
+                            size: key.len(),
+                        },
+                    },
+                ),
+                vu(
+                    V::RD_KAFKA_VTYPE_VALUE,
+                    rd::rd_kafka_vu_s__bindgen_ty_1 {
+                        mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
+                            ptr: payload.as_ptr() as *mut _,
+                            size: payload.len(),
+                        },
+                    },
+                ),
+                vu(
+                    V::RD_KAFKA_VTYPE_MSGFLAGS,
+                    rd::rd_kafka_vu_s__bindgen_ty_1 {
+                        i: rd::RD_KAFKA_MSG_F_COPY as i32,
+                    },
+                ),
+                vu(V::RD_KAFKA_VTYPE_HEADERS, rd::rd_kafka_vu_s__bindgen_ty_1 { headers }),
+            ];
+            let error = rd::rd_kafka_produceva(self.producer.client().native_ptr(), vus.as_ptr(), vus.len());
+            if !error.is_null() {
+                rd::rd_kafka_headers_destroy(headers);
+                let text = std::ffi::CStr::from_ptr(rd::rd_kafka_error_string(error))
+                    .to_string_lossy()
+                    .into_owned();
+                rd::rd_kafka_error_destroy(error);
+                panic!("produce with a raw header name: {text}");
+            }
+        }
+    }
+}
+
+/// Payload of a booking event.
+pub fn booking_json(booking_id: &str, user: &str, room: &str, guests: i64, start: &str, end: &str) -> String {
+    serde_json::json!({
+        "userId": user, "roomId": room, "guests": guests, "startDate": start, "endDate": end,
+        "bookingId": booking_id, "paymentId": format!("pay_{booking_id}"),
+    })
+    .to_string()
+}
+
+/// Payload of a cancellation event.
+pub fn cancel_json(booking_id: &str, user: &str) -> String {
+    serde_json::json!({"bookingId": booking_id, "userId": user, "timestamp": "2025-01-18T10:30:00Z"}).to_string()
+}
+
+/// Polls `check` until it holds or `timeout` passes; then fails with `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The worker binary running as a child process, its JSON log lines captured.
+pub struct WorkerProcess {
+    child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+    pub name: String,
+}
+
+impl WorkerProcess {
+    pub fn spawn(name: &str, env: &[(String, String)]) -> WorkerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_booking-worker"));
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_LEVEL", "info")
+            .env("BATCH_LINGER_MS", "2")
+            .env("KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
+            .env("KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "500")
+            .env("KAFKA_PROP_TOPIC_METADATA_REFRESH_INTERVAL_MS", "1000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start booking-worker");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let tag = name.to_string();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if std::env::var("WORKER_LOGS").is_ok() {
+                    eprintln!("[{tag}] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        WorkerProcess {
+            child,
+            lines,
+            reader: Some(reader),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Log lines parsed as JSON; every line must be JSON.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(mut self, timeout: Duration) -> i32 {
+        self.signal("TERM");
+        self.wait(timeout)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for worker") {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether a log line with this `msg` was written.
+    pub fn logged(&self, msg: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l.contains(msg))
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL that a test can cut: open connections are reset and new
+/// ones refused until it is restored.
+pub struct CuttableProxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CuttableProxy {
+    pub fn start(target_host: &str, target_port: u16) -> CuttableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let target = format!("{target_host}:{target_port}");
+        let (up2, conns2, stop2) = (Arc::clone(&up), Arc::clone(&conns), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        if !up2.load(Ordering::SeqCst) {
+                            let _ = client.shutdown(NetShutdown::Both);
+                            continue;
+                        }
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        let mut list = conns2.lock().unwrap();
+                        list.push(client.try_clone().unwrap());
+                        list.push(server.try_clone().unwrap());
+                        drop(list);
+                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                        pipe(server, client);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        CuttableProxy { port, up, conns, stop }
+    }
+
+    /// Resets every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(NetShutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(NetShutdown::Both);
+        let _ = from.shutdown(NetShutdown::Both);
+    });
+}

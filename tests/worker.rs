@@ -1,0 +1,505 @@
+//! The worker end to end, as a child process against the real broker and database: bookings,
+//! cancellations, bad records, baggage in the logs, a database outage, SIGTERM and restart, and two
+//! instances sharing a group.
+
+mod common;
+
+use common::{
+    booking_json, cancel_json, services, unique, wait_for, CuttableProxy, Services, TestDb, TestProducer, WorkerProcess,
+};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Setup {
+    services: Services,
+    db: TestDb,
+    bookings: String,
+    cancels: String,
+    group: String,
+    producer: TestProducer,
+}
+
+impl Setup {
+    fn new(tag: &str) -> Option<Setup> {
+        let services = services()?;
+        let db = TestDb::create(&services, tag);
+        Some(Setup {
+            producer: TestProducer::new(&services),
+            bookings: unique(&format!("booking-events-{tag}")),
+            cancels: unique(&format!("booking-cancellations-{tag}")),
+            group: unique(&format!("group-{tag}")),
+            services,
+            db,
+        })
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.db.worker_env();
+        env.push(("KAFKA_BOOKING_TOPIC".into(), self.bookings.clone()));
+        env.push(("KAFKA_CANCELLATION_TOPIC".into(), self.cancels.clone()));
+        env.push(("KAFKA_GROUP_ID".into(), self.group.clone()));
+        env
+    }
+
+    fn start(&self, name: &str) -> WorkerProcess {
+        WorkerProcess::spawn(name, &self.env())
+    }
+
+    fn start_with(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
+        let mut env = self.env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        WorkerProcess::spawn(name, &env)
+    }
+
+    fn book(&self, id: &str, user: &str, room: &str) {
+        let payload = booking_json(id, user, room, 2, "2025-01-15", "2025-01-18");
+        self.producer.send(&self.bookings, id, payload.as_bytes(), &[]);
+    }
+
+    fn cancel(&self, id: &str, user: &str) {
+        self.producer
+            .send(&self.cancels, id, cancel_json(id, user).as_bytes(), &[]);
+    }
+
+    fn wait_status(&self, id: &str, status: &str) {
+        wait_for(&format!("booking {id} to be {status}"), WAIT, || {
+            self.db.booking(id).is_some_and(|b| b.status == status)
+        });
+    }
+
+    fn wait_rows(&self, n: usize) {
+        wait_for(&format!("{n} bookings"), WAIT, || self.db.bookings().len() >= n);
+    }
+}
+
+/// Lines of a worker's log that report the end of a record (`end` field), by end name.
+fn ends(worker: &WorkerProcess, end: &str) -> usize {
+    worker.json_lines().iter().filter(|l| l["end"] == end).count()
+}
+
+/// The same count over lines kept after the worker has gone.
+fn ends_in(lines: &std::sync::Mutex<Vec<String>>, end: &str) -> usize {
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["end"] == end)
+        .count()
+}
+
+fn total_ends(worker: &WorkerProcess) -> usize {
+    worker.json_lines().iter().filter(|l| l.get("end").is_some()).count()
+}
+
+#[test]
+fn bookings_are_created_with_every_column_and_baggage_is_logged() {
+    let Some(s) = Setup::new("create") else { return };
+    let by_id = s.db.user("by-id@example.com", "by_id");
+    let by_email = s.db.user("alice@example.com", "alice");
+    let by_username = s.db.user("bob@example.com", "user_123");
+    let room = s.db.room("room_ocean_001");
+    // Subscribing before the topics exist: the broker creates them.
+    let worker = s.start("create");
+
+    let trace = unique("trace");
+    let baggage = format!("trace-id={trace},span-id=def456");
+    let events = [
+        (
+            "booking_1736950000_AbC123",
+            by_id.to_string(),
+            "2025-01-15T15:00:00Z",
+            "2025-01-18T11:00:00Z",
+        ),
+        (
+            "booking_by_email",
+            "alice@example.com".to_string(),
+            "2025-03-01",
+            "2025-03-02",
+        ),
+        (
+            "booking_by_username",
+            "user_123".to_string(),
+            "2025-01-15T23:30:00-05:00",
+            "2025-01-16T01:00:00-05:00",
+        ),
+    ];
+    for (i, (id, user, start, end)) in events.iter().enumerate() {
+        let payload = booking_json(id, user, "room_ocean_001", 2 + i as i64, start, end);
+        let headers: Vec<(&str, &[u8])> = if i == 0 {
+            vec![("Baggage", baggage.as_bytes())]
+        } else {
+            vec![]
+        };
+        s.producer.send(&s.bookings, id, payload.as_bytes(), &headers);
+    }
+    s.producer.flush();
+    s.wait_rows(3);
+
+    let first = s.db.booking("booking_1736950000_AbC123").unwrap();
+    assert_eq!((first.user_id, first.room_id, first.number_of_guests), (by_id, room, 2));
+    assert_eq!(
+        (first.start_date.as_str(), first.end_date.as_str()),
+        ("2025-01-15", "2025-01-18")
+    );
+    assert_eq!(first.payment_id.as_deref(), Some("pay_booking_1736950000_AbC123"));
+    assert_eq!(first.status, "Accepted");
+    let second = s.db.booking("booking_by_email").unwrap();
+    assert_eq!((second.user_id, second.number_of_guests), (by_email, 3));
+    assert_eq!(
+        (second.start_date.as_str(), second.end_date.as_str()),
+        ("2025-03-01", "2025-03-02")
+    );
+    let third = s.db.booking("booking_by_username").unwrap();
+    assert_eq!(third.user_id, by_username);
+    assert_eq!(
+        (third.start_date.as_str(), third.end_date.as_str()),
+        ("2025-01-15", "2025-01-16")
+    );
+    assert!(s.db.dead_letters().is_empty());
+
+    wait_for("the created lines", WAIT, || ends(&worker, "created") == 3);
+    let lines = worker.json_lines();
+    let about_first: Vec<_> = lines
+        .iter()
+        .filter(|l| l["booking_id"] == "booking_1736950000_AbC123")
+        .collect();
+    assert!(!about_first.is_empty());
+    for line in &about_first {
+        assert_eq!(line["baggage"], baggage.as_str(), "{line}");
+        assert!(line["time"].is_string() && line["level"].is_string() && line["msg"].is_string());
+    }
+    let about_second = lines.iter().find(|l| l["booking_id"] == "booking_by_email").unwrap();
+    assert!(about_second.get("baggage").is_none(), "{about_second}");
+    assert_eq!(worker.terminate(WAIT), 0);
+}
+
+#[test]
+fn redelivered_and_replayed_records_change_nothing() {
+    let Some(s) = Setup::new("replay") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.user("other@example.com", "other");
+    s.db.room("room_1");
+    for i in 0..20 {
+        s.book(&format!("b{i}"), "owner", "room_1");
+    }
+    s.book("b0", "owner", "room_1");
+    s.book("b1", "owner", "room_1");
+    s.cancel("b2", "owner");
+    s.cancel("b3", "other");
+    s.cancel("late", "owner");
+    s.producer.send(&s.bookings, "bad", b"{broken", &[]);
+    s.producer.flush();
+    let records = 26;
+
+    let first = s.start("replay-1");
+    wait_for("every record of the first run", WAIT, || total_ends(&first) == records);
+    assert_eq!(s.db.bookings().len(), 20, "a redelivered booking made one row");
+    assert_eq!(ends(&first, "duplicate"), 2);
+    assert_eq!(first.terminate(WAIT), 0);
+    let before = s.db.snapshot();
+    assert_eq!(s.db.dead_letters().len(), 2);
+    assert_eq!(s.db.parked(), ["late"]);
+
+    // A new group reads both topics from offset 0 again.
+    let replay = s.start_with("replay-2", &[("KAFKA_GROUP_ID", &unique("replay-group"))]);
+    wait_for("every record of the replay", WAIT, || total_ends(&replay) == records);
+    assert_eq!(replay.terminate(WAIT), 0);
+    assert_eq!(s.db.snapshot(), before, "replaying the log changed the database");
+}
+
+#[test]
+fn cancellations_follow_the_rules() {
+    let Some(s) = Setup::new("cancel") else { return };
+    let owner = s.db.user("owner@example.com", "owner");
+    s.db.user("intruder@example.com", "intruder");
+    let room = s.db.room("room_1");
+    // A booking created by booking-management: no external id.
+    s.db.exec(&format!(
+        "INSERT INTO bookings (user_id, room_id, number_of_guests, start_date, end_date, payment_id)
+         VALUES ({owner}, {room}, 1, '2025-05-01', '2025-05-03', 'pay_legacy')"
+    ));
+    let legacy_id = s.db.bookings()[0].id;
+
+    let worker = s.start("cancel");
+    s.book("own", "owner", "room_1");
+    s.book("twice", "owner", "room_1");
+    s.book("theirs", "owner", "room_1");
+    s.producer.flush();
+    s.wait_rows(4);
+
+    s.cancel("own", "owner@example.com");
+    s.cancel("theirs", "intruder");
+    s.cancel("twice", "owner");
+    s.cancel("twice", &owner.to_string());
+    s.cancel(&legacy_id.to_string(), "owner");
+    s.producer.flush();
+    s.wait_status("own", "Cancelled");
+    s.wait_status("twice", "Cancelled");
+    wait_for("the legacy booking to be cancelled", WAIT, || {
+        s.db.bookings()
+            .iter()
+            .any(|b| b.id == legacy_id && b.status == "Cancelled")
+    });
+    wait_for("the repeated cancellation", WAIT, || {
+        ends(&worker, "already_cancelled") == 1
+    });
+    wait_for("the unauthorized dead letter", WAIT, || !s.db.dead_letters().is_empty());
+
+    let own = s.db.booking("own").unwrap();
+    assert!(own.updated, "cancelling sets updated_at");
+    let theirs = s.db.booking("theirs").unwrap();
+    assert_eq!(theirs.status, "Accepted", "another user's cancellation changes nothing");
+    assert!(!theirs.updated);
+    let letters = s.db.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "unauthorized");
+    assert_eq!(letters[0].booking_id.as_deref(), Some("theirs"));
+    assert_eq!(letters[0].topic, s.cancels);
+    let warned = worker
+        .json_lines()
+        .into_iter()
+        .any(|l| l["end"] == "already_cancelled" && l["level"] == "WARN" && l["booking_id"] == "twice");
+    assert!(warned, "a repeated cancellation is logged as a warning");
+
+    // A cancellation before its booking: parked, then applied when the booking arrives.
+    s.cancel("early", "owner");
+    s.producer.flush();
+    wait_for("the early cancellation to be parked", WAIT, || {
+        s.db.parked() == ["early"]
+    });
+    assert!(s.db.booking("early").is_none());
+    s.book("early", "owner", "room_1");
+    s.producer.flush();
+    s.wait_status("early", "Cancelled");
+    assert!(s.db.parked().is_empty(), "the parked cancellation was used up");
+    wait_for("the released cancellation line", WAIT, || {
+        worker.logged("parked cancellation applied")
+    });
+    assert_eq!(s.db.dead_letters().len(), 1);
+    assert_eq!(worker.terminate(WAIT), 0);
+}
+
+#[test]
+fn bad_records_are_dead_lettered_with_their_reason_and_later_records_still_apply() {
+    let Some(s) = Setup::new("bad") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let valid = |id: &str| booking_json(id, "owner", "room_1", 2, "2025-01-15", "2025-01-18");
+    let huge = format!(
+        r#"{{"bookingId":"huge","userId":"owner","roomId":"room_1","guests":1,"startDate":"2025-01-15","endDate":"2025-01-16","paymentId":"{}"}}"#,
+        "x".repeat(1024 * 1024)
+    );
+    // One key, so one partition and one order.
+    let key = "same-partition";
+    let cases: Vec<(Vec<u8>, Vec<(&str, Vec<u8>)>, Option<&str>)> = vec![
+        (b"{not json".to_vec(), vec![], Some("malformed_json")),
+        (
+            br#"{"bookingId":"m1","userId":"owner"}"#.to_vec(),
+            vec![],
+            Some("missing_field"),
+        ),
+        (
+            booking_json("u1", "ghost", "room_1", 2, "2025-01-15", "2025-01-18").into_bytes(),
+            vec![],
+            Some("unknown_user"),
+        ),
+        (
+            booking_json("r1", "owner", "no_such_room", 2, "2025-01-15", "2025-01-18").into_bytes(),
+            vec![],
+            Some("unknown_room"),
+        ),
+        (
+            booking_json("g1", "owner", "room_1", 0, "2025-01-15", "2025-01-18").into_bytes(),
+            vec![],
+            Some("invalid_guests"),
+        ),
+        (
+            booking_json("d1", "owner", "room_1", 2, "2025-01-18", "2025-01-15").into_bytes(),
+            vec![],
+            Some("invalid_dates"),
+        ),
+        (
+            valid("h1").into_bytes(),
+            vec![("baggage", vec![b't', b'=', 0xff, 0xfe])],
+            Some("invalid_header"),
+        ),
+        (huge.into_bytes(), vec![], Some("payload_too_large")),
+        (valid("ok_after").into_bytes(), vec![], None),
+    ];
+    for (payload, headers, _) in &cases {
+        let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        s.producer.send(&s.bookings, key, payload, &headers);
+    }
+    // A header whose name is not UTF-8 is not Baggage: the record applies normally.
+    s.producer.send_raw_header_name(
+        &s.bookings,
+        key,
+        valid("odd_header").as_bytes(),
+        &[0xff, 0xfe, b'k'],
+        b"v",
+    );
+    s.producer.send(&s.cancels, "c1", br#"{"userId":"owner"}"#, &[]);
+    s.producer.flush();
+
+    let worker = s.start("bad");
+    wait_for("the valid bookings after the bad records", WAIT, || {
+        s.db.booking("ok_after").is_some() && s.db.booking("odd_header").is_some()
+    });
+    wait_for("all dead letters", WAIT, || s.db.dead_letters().len() == 9);
+    let letters = s.db.dead_letters();
+    let mut on_bookings: Vec<_> = letters.iter().filter(|l| l.topic == s.bookings).collect();
+    on_bookings.sort_by_key(|l| l.kafka_offset);
+    let expected: Vec<&str> = cases.iter().filter_map(|(_, _, reason)| *reason).collect();
+    let got: Vec<&str> = on_bookings.iter().map(|l| l.reason.as_str()).collect();
+    assert_eq!(got, expected);
+    for l in &letters {
+        assert!(!l.error.is_empty(), "{l:?}");
+    }
+    let header_letter = on_bookings.iter().find(|l| l.reason == "invalid_header").unwrap();
+    assert_eq!(header_letter.baggage.as_deref(), Some("t=\u{fffd}\u{fffd}"));
+    assert_eq!(header_letter.booking_id.as_deref(), None);
+    let huge_letter = on_bookings.iter().find(|l| l.reason == "payload_too_large").unwrap();
+    assert!(huge_letter.payload_len > 1024 * 1024, "the raw payload is kept whole");
+    let cancel_letter = letters.iter().find(|l| l.topic == s.cancels).unwrap();
+    assert_eq!(cancel_letter.reason, "missing_field");
+    assert_eq!(s.db.bookings().len(), 2);
+    assert!(!worker.logged("panicked"));
+    assert_eq!(worker.terminate(WAIT), 0);
+}
+
+#[test]
+fn a_database_outage_mid_stream_loses_nothing() {
+    let Some(s) = Setup::new("outage") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let proxy = CuttableProxy::start(&s.services.db_host, s.services.db_port);
+    let port = proxy.port.to_string();
+    let worker = s.start_with(
+        "outage",
+        &[
+            ("DB_HOST", "127.0.0.1"),
+            ("DB_PORT", &port),
+            ("RETRY_MAX_BACKOFF_MS", "500"),
+            ("BATCH_SIZE", "20"),
+        ],
+    );
+    for i in 0..100 {
+        s.book(&format!("o{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    s.wait_rows(100);
+
+    proxy.cut();
+    for i in 100..300 {
+        s.book(&format!("o{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    wait_for("the worker to notice the outage", WAIT, || {
+        worker.logged("database unavailable; retrying")
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        s.db.bookings().len(),
+        100,
+        "nothing is written while the database is away"
+    );
+    proxy.restore();
+    s.wait_rows(300);
+
+    // Backends terminated mid-stream, from the server side.
+    for i in 300..500 {
+        s.book(&format!("o{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    s.db.exec(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = '{}' AND application_name = 'booking-worker'",
+        s.db.name
+    ));
+    s.wait_rows(500);
+    let rows = s.db.bookings();
+    assert_eq!(rows.len(), 500);
+    assert!(
+        s.db.dead_letters().is_empty(),
+        "an outage never dead-letters: {:?}",
+        s.db.dead_letters()
+    );
+    assert_eq!(worker.terminate(WAIT), 0);
+}
+
+#[test]
+fn sigterm_mid_stream_then_restart_applies_every_record_once() {
+    let Some(s) = Setup::new("sigterm") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let total = 3000;
+    for i in 0..total {
+        s.book(&format!("s{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    let slow = [
+        ("BATCH_SIZE", "10"),
+        ("WRITER_THREADS", "1"),
+        ("SHUTDOWN_TIMEOUT_SECS", "20"),
+    ];
+    let first = s.start_with("sigterm-1", &slow);
+    wait_for("some progress", WAIT, || !s.db.bookings().is_empty());
+    let code = first.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "a clean shutdown exits 0 within the deadline");
+    let after_first = s.db.bookings().len();
+    assert!(
+        after_first < total,
+        "the stream was stopped in the middle ({after_first} of {total})"
+    );
+
+    let second = s.start("sigterm-2");
+    s.wait_rows(total);
+    wait_for("the second run to settle", WAIT, || {
+        ends(&second, "created") == total - after_first
+    });
+    assert_eq!(
+        ends(&second, "duplicate"),
+        0,
+        "the clean shutdown committed exactly what was durable"
+    );
+    assert_eq!(s.db.bookings().len(), total);
+    assert!(s.db.dead_letters().is_empty());
+    assert_eq!(second.terminate(WAIT), 0);
+}
+
+#[test]
+fn two_instances_in_one_group_survive_one_stopping_mid_stream() {
+    let Some(s) = Setup::new("group") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let total = 4000;
+    for i in 0..total / 2 {
+        s.book(&format!("g{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    let slow = [("BATCH_SIZE", "10"), ("WRITER_THREADS", "1")];
+    let a = s.start_with("group-a", &slow);
+    let b = s.start_with("group-b", &slow);
+    wait_for("both instances to hold partitions", WAIT, || {
+        a.logged("partition assigned") && b.logged("partition assigned")
+    });
+    for i in total / 2..total {
+        s.book(&format!("g{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    wait_for("some progress", WAIT, || !s.db.bookings().is_empty());
+    let a_lines = std::sync::Arc::clone(&a.lines);
+    assert_eq!(a.terminate(Duration::from_secs(40)), 0);
+    s.wait_rows(total);
+    wait_for("every record to reach an end", WAIT, || {
+        ends_in(&a_lines, "created") + ends(&b, "created") == total
+    });
+    let rows = s.db.bookings();
+    assert_eq!(rows.len(), total, "every booking applied exactly once");
+    assert!(s.db.dead_letters().is_empty());
+    let b_lines = std::sync::Arc::clone(&b.lines);
+    assert_eq!(b.terminate(WAIT), 0);
+    assert_eq!(ends_in(&a_lines, "created") + ends_in(&b_lines, "created"), total);
+}
