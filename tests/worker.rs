@@ -11,6 +11,9 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(90);
 
+/// A record to produce: payload, headers, and the dead-letter reason it must get (None: applied).
+type BadCase = (Vec<u8>, Vec<(&'static str, Vec<u8>)>, Option<&'static str>);
+
 struct Setup {
     services: Services,
     db: TestDb,
@@ -293,7 +296,7 @@ fn bad_records_are_dead_lettered_with_their_reason_and_later_records_still_apply
     );
     // One key, so one partition and one order.
     let key = "same-partition";
-    let cases: Vec<(Vec<u8>, Vec<(&str, Vec<u8>)>, Option<&str>)> = vec![
+    let cases: Vec<BadCase> = vec![
         (b"{not json".to_vec(), vec![], Some("malformed_json")),
         (
             br#"{"bookingId":"m1","userId":"owner"}"#.to_vec(),

@@ -415,7 +415,7 @@ impl TestProducer {
                 vu(
                     V::RD_KAFKA_VTYPE_MSGFLAGS,
                     rd::rd_kafka_vu_s__bindgen_ty_1 {
-                        i: rd::RD_KAFKA_MSG_F_COPY as i32,
+                        i: rd::RD_KAFKA_MSG_F_COPY,
                     },
                 ),
                 vu(V::RD_KAFKA_VTYPE_HEADERS, rd::rd_kafka_vu_s__bindgen_ty_1 { headers }),
