@@ -157,3 +157,21 @@ ensure_maven() {
     fi
     have mvn || die "mvn not found: install Apache Maven (Debian: apt-get install maven)"
 }
+
+# True if any host:port of a comma-separated broker list accepts TCP.
+brokers_answer() {
+    local list="$1" entry host port
+    local -a entries
+    IFS=',' read -r -a entries <<<"$list"
+    for entry in "${entries[@]}"; do
+        entry="${entry// /}"
+        entry="${entry#*://}"
+        host="${entry%:*}"
+        port="${entry##*:}"
+        [[ "$port" =~ ^[0-9]+$ && -n "$host" ]] || continue
+        if port_open "$host" "$port"; then
+            return 0
+        fi
+    done
+    return 1
+}

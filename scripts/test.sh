@@ -57,24 +57,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# True if any host:port of a comma-separated broker list accepts TCP.
-brokers_answer() {
-    local list="$1" entry host port
-    local -a entries
-    IFS=',' read -r -a entries <<<"$list"
-    for entry in "${entries[@]}"; do
-        entry="${entry// /}"
-        entry="${entry#*://}"
-        host="${entry%:*}"
-        port="${entry##*:}"
-        [[ "$port" =~ ^[0-9]+$ && -n "$host" ]] || continue
-        if port_open "$host" "$port"; then
-            return 0
-        fi
-    done
-    return 1
-}
-
 # ---- Kafka ---------------------------------------------------------------
 if [[ -n "${KAFKA_BROKERS:-}" ]] && brokers_answer "$KAFKA_BROKERS"; then
     log "using Kafka at $KAFKA_BROKERS"

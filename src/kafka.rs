@@ -374,6 +374,7 @@ impl Worker {
         let consumer: BaseConsumer<WorkerContext> = consumer_config(config).create_with_context(context)?;
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        ensure_topics(&consumer, &topics.topics());
         consumer.subscribe(&topics.topics())?;
         log::info!(brokers = config.brokers.as_str(), group_id = config.group_id.as_str(),
             topics = topics.topics().join(","); "subscribed");
@@ -422,6 +423,27 @@ impl Worker {
 
     fn store_progress(&self) {
         store(&self.consumer, &self.context().tracker.take_changed());
+    }
+}
+
+/// Asks the broker for each topic's metadata, which makes a broker with automatic topic creation
+/// create a missing one (with `allow.auto.create.topics`). librdkafka's own subscription metadata
+/// requests do not ask for creation while it knows no topic yet, so this is done here, once, before
+/// subscribing.
+fn ensure_topics(consumer: &BaseConsumer<WorkerContext>, topics: &[&str]) {
+    for topic in topics {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(metadata) => {
+                let missing = metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == *topic && (t.error().is_some() || t.partitions().is_empty()));
+                if missing {
+                    log::info!(topic = *topic; "topic did not exist; the broker creates it if it allows");
+                }
+            }
+            Err(e) => log::warn!(topic = *topic, error = e.to_string(); "could not fetch topic metadata"),
+        }
     }
 }
 

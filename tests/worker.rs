@@ -104,7 +104,11 @@ fn bookings_are_created_with_every_column_and_baggage_is_logged() {
     let by_username = s.db.user("bob@example.com", "user_123");
     let room = s.db.room("room_ocean_001");
     // Subscribing before the topics exist: the broker creates them.
+    assert!(!common::topic_exists(&s.services, &s.cancels));
     let worker = s.start("create");
+    wait_for("the subscription to create both topics", WAIT, || {
+        common::topic_exists(&s.services, &s.bookings) && common::topic_exists(&s.services, &s.cancels)
+    });
 
     let trace = unique("trace");
     let baggage = format!("trace-id={trace},span-id=def456");
@@ -505,4 +509,62 @@ fn two_instances_in_one_group_survive_one_stopping_mid_stream() {
     let b_lines = std::sync::Arc::clone(&b.lines);
     assert_eq!(b.terminate(WAIT), 0);
     assert_eq!(ends_in(&a_lines, "created") + ends_in(&b_lines, "created"), total);
+}
+
+#[test]
+fn a_parked_cancellation_expires_into_a_dead_letter_and_is_not_parked_again_on_replay() {
+    let Some(s) = Setup::new("expiry") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    s.cancel("never_comes", "owner");
+    s.producer.flush();
+    let fast_expiry = [
+        ("PENDING_CANCELLATION_TTL_SECS", "1"),
+        ("PENDING_CHECK_INTERVAL_SECS", "1"),
+    ];
+    let worker = s.start_with("expiry-1", &fast_expiry);
+    wait_for("the expired cancellation's dead letter", WAIT, || {
+        s.db.dead_letters().iter().any(|l| l.reason == "cancellation_expired")
+    });
+    assert!(s.db.parked().is_empty());
+    let letter = &s.db.dead_letters()[0];
+    assert_eq!(letter.booking_id.as_deref(), Some("never_comes"));
+    assert_eq!((letter.topic.as_str(), letter.kafka_offset), (s.cancels.as_str(), 0));
+    assert_eq!(worker.terminate(WAIT), 0);
+
+    let replay = s.start_with("expiry-2", &[("KAFKA_GROUP_ID", &unique("expiry-replay"))]);
+    wait_for("the replayed cancellation", WAIT, || total_ends(&replay) == 1);
+    assert!(
+        s.db.parked().is_empty(),
+        "a dead-lettered cancellation is not parked again"
+    );
+    assert_eq!(s.db.dead_letters().len(), 1);
+    assert_eq!(replay.terminate(WAIT), 0);
+}
+
+#[test]
+fn a_bad_environment_variable_is_refused_with_its_name_and_exit_code_2() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_booking-worker"))
+        .env("WRITER_THREADS", "many")
+        .output()
+        .expect("run booking-worker");
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().expect("a log line")).unwrap();
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["variable"], "WRITER_THREADS");
+    assert!(
+        line["msg"].as_str().unwrap().contains("an integer from 1 to 256"),
+        "{line}"
+    );
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_booking-worker"))
+        .arg("--help")
+        .output()
+        .expect("run booking-worker --help");
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for name in ["KAFKA_BROKERS", "DB_PASSWORD", "SHUTDOWN_TIMEOUT_SECS", "Exit codes"] {
+        assert!(text.contains(name), "--help mentions {name}");
+    }
 }

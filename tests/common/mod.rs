@@ -433,6 +433,23 @@ impl TestProducer {
     }
 }
 
+/// Whether the broker has this topic, asked by a client that never creates topics.
+pub fn topic_exists(services: &Services, topic: &str) -> bool {
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &services.brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("create metadata client");
+    use rdkafka::consumer::Consumer;
+    match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+        Ok(m) => m
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
+        Err(_) => false,
+    }
+}
+
 /// Payload of a booking event.
 pub fn booking_json(booking_id: &str, user: &str, room: &str, guests: i64, start: &str, end: &str) -> String {
     serde_json::json!({
@@ -477,7 +494,6 @@ impl WorkerProcess {
             .env("BATCH_LINGER_MS", "2")
             .env("KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
             .env("KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "500")
-            .env("KAFKA_PROP_TOPIC_METADATA_REFRESH_INTERVAL_MS", "1000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {
