@@ -175,3 +175,83 @@ brokers_answer() {
     done
     return 1
 }
+
+# ---- Services for one command --------------------------------------------
+# run.sh, test.sh and the other entry points start what is missing and stop,
+# on exit (also on failure or Ctrl-C), exactly what they started.
+
+LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# Makes cargo reachable (rustup's env file) or dies.
+ensure_cargo() {
+    if ! have cargo && [[ -f "$HOME/.cargo/env" ]]; then
+        # shellcheck source=/dev/null
+        . "$HOME/.cargo/env"
+    fi
+    have cargo || die "cargo not found: install Rust with rustup, then run scripts/install-deps.sh"
+}
+
+# session_begin NAME: a temp dir for the services this command starts, and
+# traps that stop them on exit. A function session_on_exit, if defined, is
+# called last with the exit code.
+session_begin() {
+    SESSION_DIR="$(mktemp -d "/tmp/booking-worker-$1.XXXXXX")"
+    SESSION_KAFKA=0
+    SESSION_PG=0
+    trap session_end EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+# Called through the EXIT trap.
+# shellcheck disable=SC2317
+session_end() {
+    local rc=$?
+    trap - EXIT INT TERM
+    set +e
+    if [[ "$SESSION_KAFKA" == 1 ]]; then
+        KAFKA_STATE_DIR="$SESSION_DIR/kafka" bash "$LIB_DIR/kafka.sh" stop
+    fi
+    if [[ "$SESSION_PG" == 1 ]]; then
+        PG_STATE_DIR="$SESSION_DIR/pg" bash "$LIB_DIR/postgres.sh" stop
+    fi
+    rm -rf "$SESSION_DIR"
+    if declare -F session_on_exit >/dev/null; then
+        session_on_exit "$rc"
+    fi
+    exit "$rc"
+}
+
+# Uses KAFKA_BROKERS when it answers; otherwise starts a broker (on
+# KAFKA_PORT, default 9092) for this session. Exports KAFKA_BROKERS.
+session_kafka() {
+    if [[ -n "${KAFKA_BROKERS:-}" ]] && brokers_answer "$KAFKA_BROKERS"; then
+        log "using Kafka at $KAFKA_BROKERS"
+    else
+        if [[ -n "${KAFKA_BROKERS:-}" ]]; then
+            log "no broker answers at $KAFKA_BROKERS; starting one"
+        fi
+        SESSION_KAFKA=1
+        local out
+        out="$(KAFKA_STATE_DIR="$SESSION_DIR/kafka" bash "$LIB_DIR/kafka.sh" start)"
+        KAFKA_BROKERS="$(printf '%s\n' "$out" | sed -n 's/^KAFKA_BROKERS=//p' | tail -n 1)"
+        [[ -n "$KAFKA_BROKERS" ]] || die "scripts/kafka.sh start printed no KAFKA_BROKERS line"
+    fi
+    export KAFKA_BROKERS
+}
+
+# Uses the DB_* server when its login works; otherwise starts a throwaway
+# cluster for this session. Exports the DB_* variables. Returns 0 when it
+# started the cluster itself, 1 when it uses a configured server.
+session_postgres() {
+    local out exports
+    out="$(PG_STATE_DIR="$SESSION_DIR/pg" bash "$LIB_DIR/postgres.sh" start)"
+    exports="$(printf '%s\n' "$out" | grep '^export DB_' || true)"
+    [[ -n "$exports" ]] || die "scripts/postgres.sh start printed no export lines"
+    eval "$exports"
+    if [[ -f "$SESSION_DIR/pg/state" ]]; then
+        SESSION_PG=1
+        return 0
+    fi
+    return 1
+}
