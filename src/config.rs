@@ -4,6 +4,7 @@
 //! production feeds it [`std::env::var`]. Every refused value names its variable and what it accepts.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Prefix of environment variables passed through to librdkafka: `KAFKA_PROP_SECURITY_PROTOCOL=ssl`
@@ -116,6 +117,10 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub pipeline: PipelineConfig,
     pub shutdown_timeout: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` when turned off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often the one-line stats summary is logged; `None` when turned off.
+    pub stats_log_interval: Option<Duration>,
 }
 
 /// One documented variable: its name, its default and what it does. The README's table is
@@ -280,6 +285,7 @@ impl Config {
         let writers = env.number("WRITER_THREADS", 2usize, 1, 256)?;
         let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 4 * 1024 * 1024u64, 1024, 1 << 30)?;
         let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 1024u64, 1, 2_097_151)?;
+        let stats_ms = env.number("KAFKA_STATS_INTERVAL_MS", 5000u64, 0, 86_400_000)?;
 
         let database = DatabaseConfig {
             host: env.text("DB_HOST", "localhost")?,
@@ -313,6 +319,7 @@ impl Config {
                 "receive.message.max.bytes".into(),
                 (fetch_max_bytes + 1024 * 1024).to_string(),
             ),
+            ("statistics.interval.ms".into(), stats_ms.to_string()),
         ];
         let mut passthrough: Vec<(String, String)> = vars
             .iter()
@@ -371,6 +378,21 @@ impl Config {
             kafka,
             pipeline,
             shutdown_timeout: Duration::from_secs(env.number("SHUTDOWN_TIMEOUT_SECS", 30u64, 1, 3600)?),
+            metrics_addr: match env.raw("METRICS_ADDR").map(str::trim) {
+                None | Some("") => Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+                Some("off") => None,
+                Some(v) => Some(v.parse().map_err(|_| {
+                    invalid(
+                        "METRICS_ADDR",
+                        v,
+                        "an address such as 0.0.0.0:9090 or 127.0.0.1:9090, or off",
+                    )
+                })?),
+            },
+            stats_log_interval: match env.number("STATS_LOG_INTERVAL_SECS", 60u64, 0, 86_400)? {
+                0 => None,
+                n => Some(Duration::from_secs(n)),
+            },
         })
     }
 }
@@ -460,6 +482,15 @@ mod tests {
         assert_eq!(c.pipeline.writers, 2);
         assert_eq!(c.database.pool_size, 4);
         assert_eq!(c.database.sslmode, SslMode::Prefer);
+        assert_eq!(c.metrics_addr, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(c.stats_log_interval, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn metrics_and_stats_can_be_turned_off() {
+        let c = Config::from_vars(&vars(&[("METRICS_ADDR", "off"), ("STATS_LOG_INTERVAL_SECS", "0")])).unwrap();
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.stats_log_interval, None);
     }
 
     #[test]

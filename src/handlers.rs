@@ -8,7 +8,7 @@
 
 use crate::database::DbError;
 use crate::models::{BookingEvent, CancellationEvent, Event, Reason, Rejection};
-use crate::repository::{self, BookingRow, DeadLetter, NewBooking, ParkedCancellation, Parking};
+use crate::repository::{self, BookingRow, DeadLetter, NewBooking, ParkedCancellation, Parking, Source};
 use crate::writer::Work;
 use diesel::pg::PgConnection;
 use diesel::Connection;
@@ -28,6 +28,8 @@ pub enum Outcome {
     AlreadyCancelled { id: i32 },
     /// The booking does not exist yet: the cancellation waits for it.
     Parked,
+    /// The record was dead-lettered before (a replay after its parked cancellation expired).
+    AlreadyDeadLettered,
     /// Stored in the dead letters with its reason.
     DeadLettered(Rejection),
 }
@@ -41,6 +43,7 @@ impl Outcome {
             Outcome::Cancelled { .. } => "cancelled",
             Outcome::AlreadyCancelled { .. } => "already_cancelled",
             Outcome::Parked => "parked",
+            Outcome::AlreadyDeadLettered => "already_dead_lettered",
             Outcome::DeadLettered(_) => "dead_lettered",
         }
     }
@@ -184,7 +187,7 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
     let mut targets = Targets::new(repository::find_bookings_for_cancel(conn, &refs)?);
 
     let mut to_cancel = Vec::new();
-    let mut parkings = Vec::new();
+    let mut parkings: Vec<(Origin, Parking<'_>)> = Vec::new();
     let mut released_outcomes: Vec<Option<Outcome>> = vec![None; released.len()];
     for request in &requests {
         let outcome = match targets.find(request.booking_ref) {
@@ -193,12 +196,13 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
                     Origin::Batch(i) => batch[i].meta().source(),
                     Origin::Released(j) => released[j].source(),
                 };
-                parkings.push(Parking {
+                let parking = Parking {
                     source,
                     booking_ref: request.booking_ref,
                     user_ref: request.user_ref,
-                });
-                Outcome::Parked
+                };
+                parkings.push((request.origin, parking));
+                continue;
             }
             Some(row) => decide_cancel(row, users.get(request.user_ref).copied(), request, &mut to_cancel),
         };
@@ -208,7 +212,29 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
         }
     }
     repository::cancel_bookings(conn, &to_cancel)?;
-    repository::park_cancellations(conn, &parkings)?;
+
+    // A cancellation replayed after it expired into a dead letter stays a dead letter.
+    let sources: Vec<Source<'_>> = parkings.iter().map(|(_, p)| p.source.clone()).collect();
+    let dead_before = repository::dead_lettered(conn, &sources)?;
+    let mut to_park = Vec::new();
+    for (origin, parking) in parkings {
+        let key = (
+            parking.source.topic.to_string(),
+            parking.source.partition,
+            parking.source.offset,
+        );
+        let outcome = if dead_before.contains(&key) {
+            Outcome::AlreadyDeadLettered
+        } else {
+            to_park.push(parking);
+            Outcome::Parked
+        };
+        match origin {
+            Origin::Batch(i) => outcomes[i] = Some(outcome),
+            Origin::Released(j) => released_outcomes[j] = Some(outcome),
+        }
+    }
+    repository::park_cancellations(conn, &to_park)?;
 
     let outcomes: Vec<Outcome> = outcomes
         .into_iter()

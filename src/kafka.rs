@@ -13,6 +13,8 @@
 
 use crate::baggage::{self, HeaderBaggage};
 use crate::config::KafkaConfig;
+use crate::http::Health;
+use crate::metrics::Metrics;
 use crate::models::{EventKind, Reason, Rejection};
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::shutdown::Shutdown;
@@ -21,7 +23,7 @@ use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,11 +150,19 @@ struct State {
 pub struct WorkerContext {
     consumer: OnceLock<Weak<BaseConsumer<WorkerContext>>>,
     topics: TopicTable,
-    tracker: Arc<OffsetTracker>,
     state: Mutex<State>,
-    max_payload_bytes: usize,
-    drain_timeout: Duration,
-    assigned: AtomicBool,
+    links: Links,
+}
+
+/// What the consumer shares with the rest of the worker.
+pub struct Links {
+    pub tracker: Arc<OffsetTracker>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// True while this instance holds at least one partition (for `/readyz`).
+    pub assigned: Arc<AtomicBool>,
+    pub max_payload_bytes: usize,
+    pub drain_timeout: Duration,
 }
 
 impl WorkerContext {
@@ -175,7 +185,7 @@ impl WorkerContext {
                 log::error!(topic = elem.topic(); "assigned a topic that is not in the table of topics");
                 continue;
             };
-            self.tracker.assign(&tp);
+            self.links.tracker.assign(&tp);
             let Some(queue) = consumer.split_partition_queue(elem.topic(), elem.partition()) else {
                 log::error!(topic = elem.topic(), partition = elem.partition();
                     "could not split the partition queue; its records arrive on the main queue");
@@ -188,7 +198,7 @@ impl WorkerContext {
                 kind,
                 dispatcher: dispatcher.clone(),
                 stop: Arc::clone(&stop),
-                max_payload_bytes: self.max_payload_bytes,
+                max_payload_bytes: self.links.max_payload_bytes,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("consume-{}-{}", tp.topic, tp.partition))
@@ -203,7 +213,12 @@ impl WorkerContext {
                 Err(e) => log::error!(error = e.to_string(); "could not start a partition thread"),
             }
         }
-        self.assigned.store(!state.partitions.is_empty(), Ordering::SeqCst);
+        self.note_assignment(state.partitions.len());
+    }
+
+    fn note_assignment(&self, partitions: usize) {
+        self.links.assigned.store(partitions > 0, Ordering::SeqCst);
+        self.links.metrics.set_assigned(partitions);
     }
 
     /// Stops the threads of the given partitions, waits for their in-flight records, and commits
@@ -217,17 +232,17 @@ impl WorkerContext {
         let threads: Vec<PartitionThread> = {
             let mut state = self.lock();
             let threads = tps.iter().filter_map(|tp| state.partitions.remove(tp)).collect();
-            self.assigned.store(!state.partitions.is_empty(), Ordering::SeqCst);
+            self.note_assignment(state.partitions.len());
             threads
         };
         stop_threads(threads);
-        let left = self.tracker.wait_drained(&tps, self.drain_timeout);
+        let left = self.links.tracker.wait_drained(&tps, self.links.drain_timeout);
         if left > 0 {
             log::warn!(in_flight = left; "revoking with records still in flight; they will be consumed again");
         }
-        let offsets = self.tracker.committable(&tps);
+        let offsets = self.links.tracker.committable(&tps);
         for tp in &tps {
-            self.tracker.revoke(tp);
+            self.links.tracker.revoke(tp);
         }
         if consumer.assignment_lost() {
             log::warn!(partitions = tps.len(); "assignment lost; not committing");
@@ -235,6 +250,7 @@ impl WorkerContext {
             commit(consumer, &offsets);
         }
         for tp in &tps {
+            self.links.metrics.forget_partition(&tp.topic, tp.partition);
             log::info!(topic = tp.topic.as_ref(), partition = tp.partition; "partition revoked");
         }
     }
@@ -243,11 +259,6 @@ impl WorkerContext {
     fn stop_all(&self) {
         let threads: Vec<PartitionThread> = self.lock().partitions.drain().map(|(_, t)| t).collect();
         stop_threads(threads);
-    }
-
-    /// Whether the consumer currently holds at least one partition.
-    pub fn has_assignment(&self) -> bool {
-        self.assigned.load(Ordering::SeqCst)
     }
 }
 
@@ -289,6 +300,20 @@ fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i6
 }
 
 impl ClientContext for WorkerContext {
+    fn stats(&self, statistics: Statistics) {
+        let held: Vec<TopicPartition> = self.lock().partitions.keys().cloned().collect();
+        for tp in held {
+            let lag = statistics
+                .topics
+                .get(tp.topic.as_ref())
+                .and_then(|t| t.partitions.get(&tp.partition))
+                .map(|p| p.consumer_lag_stored);
+            if let Some(lag) = lag.filter(|l| *l >= 0) {
+                self.links.metrics.set_lag(&tp.topic, tp.partition, lag);
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         log::error!(target: "librdkafka", error = error.to_string(); "kafka client error: {reason}");
     }
@@ -344,32 +369,21 @@ impl PartitionReader {
 /// The group member: the consumer, its context and the thread that polls its main queue.
 pub struct Worker {
     consumer: Arc<BaseConsumer<WorkerContext>>,
-    dispatcher: Dispatcher,
     topics: TopicTable,
-    max_payload_bytes: usize,
 }
 
 impl Worker {
     /// Creates the consumer and subscribes to the configured topics.
-    pub fn start(
-        config: &KafkaConfig,
-        dispatcher: Dispatcher,
-        tracker: Arc<OffsetTracker>,
-        max_payload_bytes: usize,
-        drain_timeout: Duration,
-    ) -> Result<Worker, KafkaError> {
+    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, links: Links) -> Result<Worker, KafkaError> {
         let topics = TopicTable::from_config(config);
         let context = WorkerContext {
             consumer: OnceLock::new(),
             topics: topics.clone(),
-            tracker,
             state: Mutex::new(State {
-                dispatcher: Some(dispatcher.clone()),
+                dispatcher: Some(dispatcher),
                 partitions: HashMap::new(),
             }),
-            max_payload_bytes,
-            drain_timeout,
-            assigned: AtomicBool::new(false),
+            links,
         };
         let consumer: BaseConsumer<WorkerContext> = consumer_config(config).create_with_context(context)?;
         let consumer = Arc::new(consumer);
@@ -378,12 +392,7 @@ impl Worker {
         consumer.subscribe(&topics.topics())?;
         log::info!(brokers = config.brokers.as_str(), group_id = config.group_id.as_str(),
             topics = topics.topics().join(","); "subscribed");
-        Ok(Worker {
-            consumer,
-            dispatcher,
-            topics,
-            max_payload_bytes,
-        })
+        Ok(Worker { consumer, topics })
     }
 
     pub fn context(&self) -> &WorkerContext {
@@ -393,7 +402,12 @@ impl Worker {
     /// Polls the main queue until shutdown, storing durable offsets as they advance. On return the
     /// partition threads are stopped and this worker's channel senders are dropped.
     pub fn poll_until(self, shutdown: &Shutdown) -> Arc<BaseConsumer<WorkerContext>> {
+        let links = &self.context().links;
+        let _alive = links.health.register("consumer-poll");
         while !shutdown.is_triggered() {
+            links.health.beat();
+            let depth = self.context().lock().dispatcher.as_ref().map_or(0, Dispatcher::queued);
+            links.metrics.set_channel_depth(depth);
             match self.consumer.poll(POLL_INTERVAL) {
                 None => {}
                 Some(Ok(message)) => self.stray_message(&message, shutdown),
@@ -417,12 +431,15 @@ impl Worker {
             return;
         };
         let tp = TopicPartition::new(message.topic(), message.partition());
-        let work = to_work(message, kind, &tp, self.max_payload_bytes);
-        self.dispatcher.dispatch(work, &|| shutdown.is_triggered());
+        let Some(dispatcher) = self.context().lock().dispatcher.clone() else {
+            return;
+        };
+        let work = to_work(message, kind, &tp, self.context().links.max_payload_bytes);
+        dispatcher.dispatch(work, &|| shutdown.is_triggered());
     }
 
     fn store_progress(&self) {
-        store(&self.consumer, &self.context().tracker.take_changed());
+        store(&self.consumer, &self.context().links.tracker.take_changed());
     }
 }
 
@@ -462,7 +479,7 @@ fn store(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64
 
 /// After the writers have drained: commit every durable watermark synchronously.
 pub fn commit_final(consumer: &BaseConsumer<WorkerContext>) {
-    let tracker = &consumer.context().tracker;
+    let tracker = &consumer.context().links.tracker;
     tracker.take_changed();
     let assignment: Vec<TopicPartition> = match consumer.assignment() {
         Ok(tpl) => tpl

@@ -421,3 +421,50 @@ pub fn take_expired_parked(
     .load(conn)?;
     Ok(rows)
 }
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// How many cancellations are parked.
+pub fn count_parked(conn: &mut PgConnection) -> Result<i64, DbError> {
+    let row: Count =
+        diesel::sql_query("SELECT count(*) AS n FROM booking_worker.pending_cancellations").get_result(conn)?;
+    Ok(row.n)
+}
+
+#[derive(QueryableByName)]
+struct RecordId {
+    #[diesel(sql_type = Text)]
+    topic: String,
+    #[diesel(sql_type = Integer)]
+    kafka_partition: i32,
+    #[diesel(sql_type = BigInt)]
+    kafka_offset: i64,
+}
+
+/// Which of these records are already dead-lettered, as (topic, partition, offset).
+pub fn dead_lettered(
+    conn: &mut PgConnection,
+    sources: &[Source<'_>],
+) -> Result<std::collections::HashSet<(String, i32, i64)>, DbError> {
+    if sources.is_empty() {
+        return Ok(Default::default());
+    }
+    let rows: Vec<RecordId> = diesel::sql_query(
+        "SELECT d.topic, d.kafka_partition, d.kafka_offset
+           FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS r(topic, part, off)
+           JOIN booking_worker.dead_letters d
+             ON d.topic = r.topic AND d.kafka_partition = r.part AND d.kafka_offset = r.off",
+    )
+    .bind::<Array<Text>, _>(sources.iter().map(|s| s.topic).collect::<Vec<_>>())
+    .bind::<Array<Integer>, _>(sources.iter().map(|s| s.partition).collect::<Vec<_>>())
+    .bind::<Array<BigInt>, _>(sources.iter().map(|s| s.offset).collect::<Vec<_>>())
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.topic, r.kafka_partition, r.kafka_offset))
+        .collect())
+}

@@ -8,7 +8,9 @@
 use crate::config::PipelineConfig;
 use crate::database::{Backoff, DbError, Pool};
 use crate::handlers::{self, BatchResult, Outcome};
+use crate::http::Health;
 use crate::logger::{self, EventScope};
+use crate::metrics::Metrics;
 use crate::models::{Event, Reason, Rejection};
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::repository::{ParkedCancellation, Source};
@@ -136,16 +138,21 @@ impl WriterPool {
         config: &PipelineConfig,
         pool: Pool,
         tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
     ) -> std::io::Result<(Dispatcher, WriterPool)> {
         let mut senders = Vec::with_capacity(config.writers);
         let mut handles = Vec::with_capacity(config.writers);
         for n in 1..=config.writers {
             let (tx, rx) = bounded(config.channel_capacity);
             senders.push(tx);
+            let name = format!("writer-{n}");
             let writer = Writer {
                 rx,
                 pool: pool.clone(),
                 tracker: Arc::clone(&tracker),
+                metrics: Arc::clone(&metrics),
+                _alive: health.register(&name),
                 batch_size: config.batch_size,
                 linger: config.batch_linger,
                 max_backoff: config.retry_max_backoff,
@@ -178,6 +185,9 @@ struct Writer {
     rx: Receiver<Work>,
     pool: Pool,
     tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    /// Marks this writer dead for `/healthz` when the thread ends.
+    _alive: crate::http::Alive,
     batch_size: usize,
     linger: Duration,
     max_backoff: Duration,
@@ -206,7 +216,7 @@ impl Writer {
     /// Brings every record of the batch to a durable end.
     fn process(&self, batch: &[Work]) {
         match self.apply_until_done(batch) {
-            Ok(result) => log_result(batch, &result),
+            Ok(result) => self.log_result(batch, &result),
             Err(error) if batch.len() > 1 => {
                 log::warn!(error = error.to_string(), records = batch.len();
                     "database refused a batch; applying its records one by one");
@@ -226,7 +236,7 @@ impl Writer {
         let mut last_error = String::new();
         for _ in 0..PERMANENT_ATTEMPTS {
             match self.apply_until_done(single) {
-                Ok(result) => return log_result(single, &result),
+                Ok(result) => return self.log_result(single, &result),
                 Err(error) => {
                     last_error = error.to_string();
                     std::thread::sleep(backoff.next_delay());
@@ -239,7 +249,7 @@ impl Writer {
         }];
         loop {
             match self.apply_until_done(&rejected) {
-                Ok(result) => return log_result(&rejected, &result),
+                Ok(result) => return self.log_result(&rejected, &result),
                 Err(error) => {
                     logger::with_event(work.scope(), || {
                         log::error!(error = error.to_string();
@@ -248,6 +258,20 @@ impl Writer {
                     std::thread::sleep(backoff.next_delay());
                 }
             }
+        }
+    }
+
+    /// Logs and counts the end of every record of a committed batch.
+    fn log_result(&self, batch: &[Work], result: &BatchResult) {
+        for (work, outcome) in batch.iter().zip(&result.outcomes) {
+            let seconds = work.meta().received_at.elapsed().as_secs_f64();
+            self.metrics
+                .record_end(&work.meta().tp.topic, work.event().map(Event::kind), outcome, seconds);
+            logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0, false));
+        }
+        for (parked, outcome) in &result.released {
+            self.metrics.record_released(outcome);
+            logger::with_event(parked_scope(parked), || log_outcome(outcome, 0.0, true));
         }
     }
 
@@ -261,6 +285,11 @@ impl Writer {
                 .get()
                 .map_err(DbError::from)
                 .and_then(|mut conn| handlers::apply_batch(&mut conn, batch));
+            match &result {
+                Ok(_) => self.metrics.transaction("committed", batch.len()),
+                Err(DbError::Transient(_)) => self.metrics.transaction("transient_error", batch.len()),
+                Err(DbError::Permanent(_)) => self.metrics.transaction("permanent_error", batch.len()),
+            }
             match result {
                 Err(DbError::Transient(error)) => {
                     let delay = backoff.next_delay();
@@ -271,17 +300,6 @@ impl Writer {
                 other => return other,
             }
         }
-    }
-}
-
-/// Logs the end of every record of a committed batch.
-fn log_result(batch: &[Work], result: &BatchResult) {
-    for (work, outcome) in batch.iter().zip(&result.outcomes) {
-        let latency_ms = work.meta().received_at.elapsed().as_secs_f64() * 1000.0;
-        logger::with_event(work.scope(), || log_outcome(outcome, latency_ms, false));
-    }
-    for (parked, outcome) in &result.released {
-        logger::with_event(parked_scope(parked), || log_outcome(outcome, 0.0, true));
     }
 }
 
@@ -309,6 +327,9 @@ fn log_outcome(outcome: &Outcome, latency_ms: f64, released: bool) {
             log::warn!(end, row_id = id, latency_ms; "booking already cancelled; nothing changed")
         }
         Outcome::Parked => log::info!(end, latency_ms; "booking not found yet; cancellation parked"),
+        Outcome::AlreadyDeadLettered => {
+            log::info!(end, latency_ms; "record was dead-lettered before; nothing changed")
+        }
         Outcome::DeadLettered(r) => {
             log::warn!(end, reason = r.reason.as_str(), error = r.error.as_str(), latency_ms; "record dead-lettered")
         }

@@ -534,6 +534,7 @@ fn a_parked_cancellation_expires_into_a_dead_letter_and_is_not_parked_again_on_r
 
     let replay = s.start_with("expiry-2", &[("KAFKA_GROUP_ID", &unique("expiry-replay"))]);
     wait_for("the replayed cancellation", WAIT, || total_ends(&replay) == 1);
+    assert_eq!(ends(&replay, "already_dead_lettered"), 1);
     assert!(
         s.db.parked().is_empty(),
         "a dead-lettered cancellation is not parked again"

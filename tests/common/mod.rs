@@ -479,6 +479,8 @@ pub fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) 
 /// The worker binary running as a child process, its JSON log lines captured.
 pub struct WorkerProcess {
     child: Child,
+    /// Where this worker serves `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_addr: String,
     pub lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
     pub name: String,
@@ -486,9 +488,11 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(name: &str, env: &[(String, String)]) -> WorkerProcess {
+        let metrics_addr = free_local_addr();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_booking-worker"));
         cmd.arg("run")
             .env_clear()
+            .env("METRICS_ADDR", &metrics_addr)
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("LOG_LEVEL", "info")
             .env("BATCH_LINGER_MS", "2")
@@ -514,6 +518,7 @@ impl WorkerProcess {
         });
         WorkerProcess {
             child,
+            metrics_addr,
             lines,
             reader: Some(reader),
             name: name.to_string(),
@@ -579,6 +584,12 @@ impl Drop for WorkerProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A loopback address with a port nobody listens on right now.
+pub fn free_local_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").to_string()
 }
 
 /// A TCP proxy in front of PostgreSQL that a test can cut: open connections are reset and new

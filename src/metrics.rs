@@ -1,0 +1,310 @@
+//! Prometheus metrics of the worker, and the one-line JSON stats summary for those without
+//! Prometheus. One [`Metrics`] is created by `run` and shared by every thread.
+
+use crate::handlers::Outcome;
+use crate::models::EventKind;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use std::sync::Arc;
+
+/// Every metric the worker exports.
+pub struct Metrics {
+    registry: Registry,
+    events: IntCounterVec,
+    dead_letters: IntCounterVec,
+    latency: HistogramVec,
+    transactions: IntCounterVec,
+    batch_size: Histogram,
+    lag: IntGaugeVec,
+    parked: IntGauge,
+    channel_depth: IntGauge,
+    assigned: IntGauge,
+    released: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let events = IntCounterVec::new(
+            Opts::new(
+                "booking_worker_events_total",
+                "Consumed records by topic and end: applied, duplicate, noop, parked, dead_lettered (with reason).",
+            ),
+            &["topic", "outcome", "reason"],
+        )
+        .expect("valid metric");
+        let dead_letters = IntCounterVec::new(
+            Opts::new("booking_worker_dead_letters_total", "Dead letters written, by reason."),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "booking_worker_processing_seconds",
+                "From consuming a record to its end being durable in PostgreSQL, by event type.",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+            ]),
+            &["event_type"],
+        )
+        .expect("valid metric");
+        let transactions = IntCounterVec::new(
+            Opts::new(
+                "booking_worker_db_transactions_total",
+                "Batch transactions by result: committed, transient_error, permanent_error.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("booking_worker_batch_size", "Records per committed batch transaction.").buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+            ]),
+        )
+        .expect("valid metric");
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "booking_worker_consumer_lag",
+                "Records between the stored offset and the partition's high watermark (librdkafka consumer_lag_stored).",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        let parked = IntGauge::new(
+            "booking_worker_parked_cancellations",
+            "Cancellations waiting for their booking.",
+        )
+        .expect("valid");
+        let channel_depth = IntGauge::new(
+            "booking_worker_channel_depth",
+            "Records queued between partition threads and writers.",
+        )
+        .expect("valid");
+        let assigned =
+            IntGauge::new("booking_worker_assigned_partitions", "Partitions this instance holds.").expect("valid");
+        let released = IntCounter::new(
+            "booking_worker_released_cancellations_total",
+            "Parked cancellations applied or dead-lettered when their booking arrived.",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(dead_letters.clone()),
+            Box::new(latency.clone()),
+            Box::new(transactions.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(lag.clone()),
+            Box::new(parked.clone()),
+            Box::new(channel_depth.clone()),
+            Box::new(assigned.clone()),
+            Box::new(released.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registered once");
+        Arc::new(Metrics {
+            registry,
+            events,
+            dead_letters,
+            latency,
+            transactions,
+            batch_size,
+            lag,
+            parked,
+            channel_depth,
+            assigned,
+            released,
+        })
+    }
+
+    /// The end of one consumed record.
+    pub fn record_end(&self, topic: &str, kind: Option<EventKind>, outcome: &Outcome, seconds: f64) {
+        let (name, reason) = outcome_labels(outcome);
+        self.events.with_label_values(&[topic, name, reason]).inc();
+        if let Outcome::DeadLettered(r) = outcome {
+            self.dead_letters.with_label_values(&[r.reason.as_str()]).inc();
+        }
+        let event_type = kind.map_or("undecodable", EventKind::as_str);
+        self.latency.with_label_values(&[event_type]).observe(seconds);
+    }
+
+    /// The end of a parked cancellation released by its booking (its record ended earlier).
+    pub fn record_released(&self, outcome: &Outcome) {
+        self.released.inc();
+        if let Outcome::DeadLettered(r) = outcome {
+            self.dead_letters.with_label_values(&[r.reason.as_str()]).inc();
+        }
+    }
+
+    /// Parked cancellations that expired into dead letters.
+    pub fn record_expired(&self, n: usize) {
+        self.dead_letters
+            .with_label_values(&["cancellation_expired"])
+            .inc_by(n as u64);
+    }
+
+    pub fn transaction(&self, result: &str, records: usize) {
+        self.transactions.with_label_values(&[result]).inc();
+        if result == "committed" {
+            self.batch_size.observe(records as f64);
+        }
+    }
+
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.lag.with_label_values(&[topic, &partition.to_string()]).set(lag);
+    }
+
+    pub fn forget_partition(&self, topic: &str, partition: i32) {
+        let _ = self.lag.remove_label_values(&[topic, &partition.to_string()]);
+    }
+
+    pub fn set_parked(&self, n: i64) {
+        self.parked.set(n);
+    }
+
+    pub fn set_channel_depth(&self, n: usize) {
+        self.channel_depth.set(n as i64);
+    }
+
+    pub fn set_assigned(&self, n: usize) {
+        self.assigned.set(n as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            log::warn!(error = e.to_string(); "could not encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The one-line summary logged every `STATS_LOG_INTERVAL_SECS`.
+    pub fn summary(&self) -> Summary {
+        let families = self.registry.gather();
+        let mut s = Summary::default();
+        for family in &families {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                match family.name() {
+                    "booking_worker_events_total" => {
+                        let n = m.get_counter().get_value() as u64;
+                        s.consumed += n;
+                        match label("outcome").as_str() {
+                            "applied" => s.applied += n,
+                            "duplicate" | "noop" => s.noop += n,
+                            "parked" => s.parked_events += n,
+                            _ => s.dead_lettered += n,
+                        }
+                    }
+                    "booking_worker_consumer_lag" => s.lag += m.get_gauge().get_value().max(0.0) as i64,
+                    "booking_worker_parked_cancellations" => s.parked_now = m.get_gauge().get_value() as i64,
+                    "booking_worker_channel_depth" => s.channel_depth = m.get_gauge().get_value() as i64,
+                    "booking_worker_assigned_partitions" => s.partitions = m.get_gauge().get_value() as i64,
+                    "process_resident_memory_bytes" => s.rss_bytes = m.get_gauge().get_value() as i64,
+                    _ => {}
+                }
+            }
+        }
+        s
+    }
+}
+
+/// The `outcome` and `reason` labels of an end.
+fn outcome_labels(outcome: &Outcome) -> (&'static str, &'static str) {
+    match outcome {
+        Outcome::Created { .. } | Outcome::Cancelled { .. } => ("applied", ""),
+        Outcome::Duplicate => ("duplicate", ""),
+        Outcome::AlreadyCancelled { .. } | Outcome::AlreadyDeadLettered => ("noop", ""),
+        Outcome::Parked => ("parked", ""),
+        Outcome::DeadLettered(r) => ("dead_lettered", r.reason.as_str()),
+    }
+}
+
+/// Totals since start, for the periodic stats line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub consumed: u64,
+    pub applied: u64,
+    pub noop: u64,
+    pub parked_events: u64,
+    pub dead_lettered: u64,
+    pub lag: i64,
+    pub parked_now: i64,
+    pub channel_depth: i64,
+    pub partitions: i64,
+    pub rss_bytes: i64,
+}
+
+impl Summary {
+    pub fn log(&self) {
+        log::info!(
+            consumed = self.consumed, applied = self.applied, noop = self.noop,
+            parked = self.parked_events, dead_lettered = self.dead_lettered, lag = self.lag,
+            parked_now = self.parked_now, channel_depth = self.channel_depth,
+            partitions = self.partitions, rss_bytes = self.rss_bytes;
+            "stats"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{Reason, Rejection};
+
+    #[test]
+    fn ends_are_counted_by_topic_outcome_and_reason() {
+        let m = Metrics::new();
+        m.record_end(
+            "booking-events",
+            Some(EventKind::Booking),
+            &Outcome::Created { id: 1 },
+            0.004,
+        );
+        m.record_end("booking-events", Some(EventKind::Booking), &Outcome::Duplicate, 0.002);
+        let dead = Outcome::DeadLettered(Rejection::new(Reason::UnknownUser, "x"));
+        m.record_end("booking-events", Some(EventKind::Booking), &dead, 0.003);
+        m.record_end("booking-cancellations", None, &Outcome::Parked, 0.003);
+        m.record_expired(2);
+        let text = m.render();
+        assert!(
+            text.contains(r#"booking_worker_events_total{outcome="applied",reason="",topic="booking-events"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"booking_worker_events_total{outcome="dead_lettered",reason="unknown_user",topic="booking-events"} 1"#
+        ));
+        assert!(text.contains(r#"booking_worker_dead_letters_total{reason="cancellation_expired"} 2"#));
+        assert!(text.contains(r#"booking_worker_processing_seconds_count{event_type="booking"} 3"#));
+        let s = m.summary();
+        assert_eq!(
+            (s.consumed, s.applied, s.noop, s.parked_events, s.dead_lettered),
+            (4, 1, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn lag_gauges_come_and_go_with_partitions() {
+        let m = Metrics::new();
+        m.set_lag("t", 3, 42);
+        assert!(m
+            .render()
+            .contains(r#"booking_worker_consumer_lag{partition="3",topic="t"} 42"#));
+        assert_eq!(m.summary().lag, 42);
+        m.forget_partition("t", 3);
+        assert!(!m.render().contains("booking_worker_consumer_lag{"));
+    }
+}
