@@ -6,11 +6,13 @@
 //! control.
 
 pub mod baggage;
+pub mod commands;
 pub mod config;
 pub mod database;
 pub mod handlers;
 pub mod http;
 pub mod kafka;
+pub mod loadgen;
 pub mod logger;
 pub mod metrics;
 pub mod models;

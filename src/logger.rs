@@ -37,16 +37,20 @@ pub fn with_event<R>(scope: EventScope, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Installs the JSON logger. `RUST_LOG` wins when set; otherwise `default_level` applies to
-/// everything.
-pub fn init(default_level: &str) {
+/// Installs the JSON logger, on stdout or (for commands whose stdout is data) stderr. `RUST_LOG`
+/// wins when set; otherwise `default_level` applies to everything.
+pub fn init(default_level: &str, to_stderr: bool) {
     let mut builder = env_logger::Builder::new();
     match std::env::var("RUST_LOG") {
         Ok(filters) if !filters.trim().is_empty() => builder.parse_filters(&filters),
         _ => builder.parse_filters(default_level),
     };
     builder
-        .target(env_logger::Target::Stdout)
+        .target(if to_stderr {
+            env_logger::Target::Stderr
+        } else {
+            env_logger::Target::Stdout
+        })
         .format(|buf, record| {
             let line = render(record);
             buf.write_all(line.as_bytes())?;

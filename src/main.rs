@@ -1,9 +1,10 @@
 //! The `booking-worker` binary: parses the command line, installs the logger and the signal
-//! handler, runs the worker and turns the result into an exit code. Only this file exits.
+//! handler, runs the chosen command and turns its result into an exit code. Only this file exits.
 
+use booking_worker::commands::{self, ExitStatus, Selection};
 use booking_worker::config::{self, Config, VARIABLES};
+use booking_worker::logger;
 use booking_worker::shutdown::Shutdown;
-use booking_worker::{database, logger, repository};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -20,7 +21,6 @@ const EXIT_SECOND_SIGNAL: i32 = 130;
     name = "booking-worker",
     version,
     about = "Consumes hotel booking and cancellation events from Kafka into PostgreSQL.",
-    long_about = None,
     after_help = environment_help(),
 )]
 struct Cli {
@@ -30,10 +30,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the worker until SIGINT or SIGTERM (the default).
+    /// Run the worker until SIGINT or SIGTERM (the default command).
     Run,
+    /// Check the configuration, the database, the broker and the topics; the exit code says which
+    /// failed (2 configuration, 3 database, 4 broker, 5 topics).
+    Check,
     /// Apply the worker's own database migrations and exit.
     Migrate,
+    /// Inspect and replay dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// Exit 0 if the running worker's /healthz answers 200, else 1 (for Docker's HEALTHCHECK).
+    Healthcheck,
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Print dead letters as JSON lines, oldest first.
+    List {
+        /// Only this dead letter.
+        #[arg(long)]
+        id: Option<i64>,
+        /// Only dead letters with this reason code (e.g. unknown_user).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Also those already replayed.
+        #[arg(long)]
+        include_replayed: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Run dead letters through the same handling again; those that now succeed are marked
+    /// replayed (exit 6 when some still fail).
+    Replay {
+        /// The dead letter to replay.
+        #[arg(long, required_unless_present = "reason", conflicts_with = "reason")]
+        id: Option<i64>,
+        /// Replay every dead letter with this reason code that has not been replayed.
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 10_000)]
+        limit: i64,
+    },
 }
 
 fn environment_help() -> String {
@@ -47,14 +87,16 @@ fn environment_help() -> String {
         out.push_str(&format!("  {:<30} {}{}\n", v.name, v.help, default));
     }
     out.push_str(
-        "\nExit codes: 0 clean stop, 1 runtime failure, 2 invalid configuration, 3 database unusable,\n\
-         4 Kafka client failure, 124 shutdown deadline passed, 130 second signal.",
+        "\nExit codes: 0 success, 1 failure, 2 invalid configuration, 3 database unusable,\n\
+         4 Kafka client or broker failure, 5 topics missing, 6 dead letters still failing,\n\
+         124 shutdown deadline passed, 130 second signal.",
     );
     out
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
     let level = match config::log_level_from_env() {
         Ok(level) => level,
         Err(e) => {
@@ -62,7 +104,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logger::init(&level);
+    let data_on_stdout = matches!(command, Command::DeadLetters(DeadLetters::List { .. }));
+    logger::init(&level, data_on_stdout);
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -70,10 +113,36 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config),
-        Command::Migrate => migrate(&config),
-    }
+    let status = match command {
+        Command::Run => return run(config),
+        Command::Check => commands::check(&config),
+        Command::Migrate => commands::migrate(&config),
+        Command::Healthcheck => commands::healthcheck(&config),
+        Command::DeadLetters(DeadLetters::List {
+            id,
+            reason,
+            include_replayed,
+            limit,
+        }) => {
+            let selection = Selection {
+                id,
+                reason,
+                include_replayed,
+                limit,
+            };
+            commands::list_dead_letters(&config, &selection, &mut std::io::stdout().lock())
+        }
+        Command::DeadLetters(DeadLetters::Replay { id, reason, limit }) => {
+            let selection = Selection {
+                id,
+                reason,
+                include_replayed: false,
+                limit,
+            };
+            commands::replay_dead_letters(&config, &selection)
+        }
+    };
+    ExitCode::from(status as u8)
 }
 
 fn run(config: Config) -> ExitCode {
@@ -91,7 +160,7 @@ fn run(config: Config) -> ExitCode {
         }
     }) {
         log::error!(error = e.to_string(); "could not install the signal handler");
-        return ExitCode::FAILURE;
+        return ExitCode::from(ExitStatus::Failure as u8);
     }
 
     let watch_shutdown = shutdown.clone();
@@ -117,24 +186,6 @@ fn run(config: Config) -> ExitCode {
         Err(e) => {
             log::error!(error = e.to_string(); "booking-worker failed");
             ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-fn migrate(config: &Config) -> ExitCode {
-    let pool = database::pool(&config.database);
-    let result = pool
-        .get()
-        .map_err(database::DbError::from)
-        .and_then(|mut conn| repository::migrate(&mut conn));
-    match result {
-        Ok(applied) => {
-            log::info!(applied = format!("{applied:?}"); "migrations applied");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            log::error!(error = e.to_string(); "migration failed");
-            ExitCode::from(3)
         }
     }
 }

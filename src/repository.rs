@@ -32,15 +32,11 @@ pub fn migrate(conn: &mut PgConnection) -> Result<Vec<i32>, DbError> {
         diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
             .bind::<BigInt, _>(MIGRATION_LOCK)
             .execute(conn)?;
-        let missing: Vec<Name> = diesel::sql_query(
-            "SELECT t AS name FROM unnest(ARRAY['users', 'rooms', 'bookings']) AS t WHERE to_regclass(t) IS NULL",
-        )
-        .load(conn)?;
+        let missing = missing_shared_tables(conn)?;
         if !missing.is_empty() {
-            let names: Vec<String> = missing.into_iter().map(|n| n.name).collect();
             return Err(DbError::Permanent(format!(
                 "table(s) {} missing: load booking-management's schema (sql/schema.sql) first",
-                names.join(", ")
+                missing.join(", ")
             )));
         }
         conn.batch_execute(
@@ -66,6 +62,15 @@ pub fn migrate(conn: &mut PgConnection) -> Result<Vec<i32>, DbError> {
         }
         Ok(done)
     })
+}
+
+/// booking-management's tables that this database lacks.
+pub fn missing_shared_tables(conn: &mut PgConnection) -> Result<Vec<String>, DbError> {
+    let missing: Vec<Name> = diesel::sql_query(
+        "SELECT t AS name FROM unnest(ARRAY['users', 'rooms', 'bookings']) AS t WHERE to_regclass(t) IS NULL",
+    )
+    .load(conn)?;
+    Ok(missing.into_iter().map(|n| n.name).collect())
 }
 
 #[derive(QueryableByName)]
@@ -467,4 +472,78 @@ pub fn dead_lettered(
         .into_iter()
         .map(|r| (r.topic, r.kafka_partition, r.kafka_offset))
         .collect())
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct StoredDeadLetter {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = Text)]
+    pub topic: String,
+    #[diesel(sql_type = Integer)]
+    pub kafka_partition: i32,
+    #[diesel(sql_type = BigInt)]
+    pub kafka_offset: i64,
+    #[diesel(sql_type = Nullable<Bytea>)]
+    pub record_key: Option<Vec<u8>>,
+    #[diesel(sql_type = Bytea)]
+    pub payload: Vec<u8>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub baggage: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub booking_id: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    #[diesel(sql_type = Text)]
+    pub error: String,
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub replayed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Dead letters, oldest first, optionally one by id or those of one reason; replayed ones only
+/// when asked.
+pub fn list_dead_letters(
+    conn: &mut PgConnection,
+    id: Option<i64>,
+    reason: Option<&str>,
+    include_replayed: bool,
+    limit: i64,
+) -> Result<Vec<StoredDeadLetter>, DbError> {
+    let rows = diesel::sql_query(
+        "SELECT id, topic, kafka_partition, kafka_offset, record_key, payload, baggage, booking_id,
+                reason, error, created_at, replayed_at
+           FROM booking_worker.dead_letters
+          WHERE ($1::bigint IS NULL OR id = $1)
+            AND ($2::text IS NULL OR reason = $2)
+            AND ($3 OR replayed_at IS NULL)
+          ORDER BY id
+          LIMIT $4",
+    )
+    .bind::<Nullable<BigInt>, _>(id)
+    .bind::<Nullable<Text>, _>(reason)
+    .bind::<diesel::sql_types::Bool, _>(include_replayed)
+    .bind::<BigInt, _>(limit)
+    .load(conn)?;
+    Ok(rows)
+}
+
+/// Marks a dead letter as replayed successfully.
+pub fn mark_replayed(conn: &mut PgConnection, id: i64) -> Result<(), DbError> {
+    diesel::sql_query("UPDATE booking_worker.dead_letters SET replayed_at = now() WHERE id = $1")
+        .bind::<BigInt, _>(id)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Records why a replayed dead letter still fails.
+pub fn note_replay_failure(conn: &mut PgConnection, id: i64, reason: &str, error: &str) -> Result<(), DbError> {
+    diesel::sql_query("UPDATE booking_worker.dead_letters SET reason = $2, error = $3 WHERE id = $1")
+        .bind::<BigInt, _>(id)
+        .bind::<Text, _>(reason)
+        .bind::<Text, _>(text(error))
+        .execute(conn)?;
+    Ok(())
 }

@@ -4,77 +4,11 @@
 
 mod common;
 
-use common::{
-    booking_json, cancel_json, services, unique, wait_for, CuttableProxy, Services, TestDb, TestProducer, WorkerProcess,
-};
+use common::{booking_json, unique, wait_for, CuttableProxy, Setup, WorkerProcess, WAIT};
 use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(90);
 
 /// A record to produce: payload, headers, and the dead-letter reason it must get (None: applied).
 type BadCase = (Vec<u8>, Vec<(&'static str, Vec<u8>)>, Option<&'static str>);
-
-struct Setup {
-    services: Services,
-    db: TestDb,
-    bookings: String,
-    cancels: String,
-    group: String,
-    producer: TestProducer,
-}
-
-impl Setup {
-    fn new(tag: &str) -> Option<Setup> {
-        let services = services()?;
-        let db = TestDb::create(&services, tag);
-        Some(Setup {
-            producer: TestProducer::new(&services),
-            bookings: unique(&format!("booking-events-{tag}")),
-            cancels: unique(&format!("booking-cancellations-{tag}")),
-            group: unique(&format!("group-{tag}")),
-            services,
-            db,
-        })
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        let mut env = self.db.worker_env();
-        env.push(("KAFKA_BOOKING_TOPIC".into(), self.bookings.clone()));
-        env.push(("KAFKA_CANCELLATION_TOPIC".into(), self.cancels.clone()));
-        env.push(("KAFKA_GROUP_ID".into(), self.group.clone()));
-        env
-    }
-
-    fn start(&self, name: &str) -> WorkerProcess {
-        WorkerProcess::spawn(name, &self.env())
-    }
-
-    fn start_with(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
-        let mut env = self.env();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        WorkerProcess::spawn(name, &env)
-    }
-
-    fn book(&self, id: &str, user: &str, room: &str) {
-        let payload = booking_json(id, user, room, 2, "2025-01-15", "2025-01-18");
-        self.producer.send(&self.bookings, id, payload.as_bytes(), &[]);
-    }
-
-    fn cancel(&self, id: &str, user: &str) {
-        self.producer
-            .send(&self.cancels, id, cancel_json(id, user).as_bytes(), &[]);
-    }
-
-    fn wait_status(&self, id: &str, status: &str) {
-        wait_for(&format!("booking {id} to be {status}"), WAIT, || {
-            self.db.booking(id).is_some_and(|b| b.status == status)
-        });
-    }
-
-    fn wait_rows(&self, n: usize) {
-        wait_for(&format!("{n} bookings"), WAIT, || self.db.bookings().len() >= n);
-    }
-}
 
 /// Lines of a worker's log that report the end of a record (`end` field), by end name.
 fn ends(worker: &WorkerProcess, end: &str) -> usize {

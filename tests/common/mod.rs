@@ -674,3 +674,135 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
         let _ = from.shutdown(NetShutdown::Both);
     });
 }
+
+/// `GET path` on a worker's endpoint: status and body.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// The samples of a Prometheus text exposition, checked line by line: `# HELP`/`# TYPE` comments
+/// and `name{label="value",...} number` samples. Panics on a line that is neither.
+pub fn parse_prometheus(text: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            assert!(
+                comment.starts_with("HELP ") || comment.starts_with("TYPE "),
+                "bad comment: {line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, std::collections::BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                let mut labels = std::collections::BTreeMap::new();
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label: {line}"));
+                    labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
+                }
+                (name, labels)
+            }
+        };
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        samples.push((name.to_string(), labels, value));
+    }
+    samples
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`.
+pub fn metric_sum(
+    samples: &[(String, std::collections::BTreeMap<String, String>, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+/// How long a test waits for the worker to reach a state.
+pub const WAIT: Duration = Duration::from_secs(90);
+
+/// One test's world: its database, topics, consumer group and producer.
+pub struct Setup {
+    pub services: Services,
+    pub db: TestDb,
+    pub bookings: String,
+    pub cancels: String,
+    pub group: String,
+    pub producer: TestProducer,
+}
+
+impl Setup {
+    pub fn new(tag: &str) -> Option<Setup> {
+        let services = services()?;
+        let db = TestDb::create(&services, tag);
+        Some(Setup {
+            producer: TestProducer::new(&services),
+            bookings: unique(&format!("booking-events-{tag}")),
+            cancels: unique(&format!("booking-cancellations-{tag}")),
+            group: unique(&format!("group-{tag}")),
+            services,
+            db,
+        })
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = self.db.worker_env();
+        env.push(("KAFKA_BOOKING_TOPIC".into(), self.bookings.clone()));
+        env.push(("KAFKA_CANCELLATION_TOPIC".into(), self.cancels.clone()));
+        env.push(("KAFKA_GROUP_ID".into(), self.group.clone()));
+        env
+    }
+
+    pub fn start(&self, name: &str) -> WorkerProcess {
+        WorkerProcess::spawn(name, &self.env())
+    }
+
+    pub fn start_with(&self, name: &str, extra: &[(&str, &str)]) -> WorkerProcess {
+        let mut env = self.env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        WorkerProcess::spawn(name, &env)
+    }
+
+    pub fn book(&self, id: &str, user: &str, room: &str) {
+        let payload = booking_json(id, user, room, 2, "2025-01-15", "2025-01-18");
+        self.producer.send(&self.bookings, id, payload.as_bytes(), &[]);
+    }
+
+    pub fn cancel(&self, id: &str, user: &str) {
+        self.producer
+            .send(&self.cancels, id, cancel_json(id, user).as_bytes(), &[]);
+    }
+
+    pub fn wait_status(&self, id: &str, status: &str) {
+        wait_for(&format!("booking {id} to be {status}"), WAIT, || {
+            self.db.booking(id).is_some_and(|b| b.status == status)
+        });
+    }
+
+    pub fn wait_rows(&self, n: usize) {
+        wait_for(&format!("{n} bookings"), WAIT, || self.db.bookings().len() >= n);
+    }
+}

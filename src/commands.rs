@@ -1,0 +1,265 @@
+//! The operator commands besides `run`: `check`, `migrate`, `dead-letters list`,
+//! `dead-letters replay` and `healthcheck`. Each returns an [`ExitStatus`]; only `main` exits.
+
+use crate::config::Config;
+use crate::database::{self, DbError};
+use crate::handlers::{self, Outcome};
+use crate::http;
+use crate::kafka::TopicTable;
+use crate::models::Reason;
+use crate::offsets::TopicPartition;
+use crate::repository::{self, StoredDeadLetter};
+use crate::writer::{RecordMeta, Work};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+use std::time::{Duration, Instant};
+
+/// What a command reports to the shell. The codes are documented in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Ok = 0,
+    Failure = 1,
+    Database = 3,
+    Kafka = 4,
+    TopicsMissing = 5,
+    StillFailing = 6,
+}
+
+/// `check`: the configuration is valid (it was parsed), the database answers and has
+/// booking-management's tables, the broker answers, and the topics exist. Logs one line per check
+/// and returns the first failure.
+pub fn check(config: &Config) -> ExitStatus {
+    log::info!(check = "config"; "configuration is valid");
+    let db = database::pool(&config.database)
+        .get_timeout(config.database.connect_timeout)
+        .map_err(DbError::from)
+        .and_then(|mut c| repository::missing_shared_tables(&mut c));
+    let mut status = ExitStatus::Ok;
+    match db {
+        Ok(missing) if missing.is_empty() => {
+            log::info!(check = "database", host = config.database.host.as_str(); "database reachable")
+        }
+        Ok(missing) => {
+            log::error!(check = "database", missing = missing.join(","); "database reachable, but tables are missing");
+            status = ExitStatus::Database;
+        }
+        Err(e) => {
+            log::error!(check = "database", error = e.to_string(); "database not reachable");
+            status = ExitStatus::Database;
+        }
+    }
+
+    let consumer: Result<BaseConsumer, _> = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("allow.auto.create.topics", "false")
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg)
+        .create();
+    let metadata = consumer.and_then(|c| c.fetch_metadata(None, Duration::from_secs(10)));
+    match metadata {
+        Err(e) => {
+            log::error!(check = "kafka", brokers = config.kafka.brokers.as_str(), error = e.to_string();
+                "broker not reachable");
+            if status == ExitStatus::Ok {
+                status = ExitStatus::Kafka;
+            }
+        }
+        Ok(metadata) => {
+            log::info!(check = "kafka", brokers = metadata.brokers().len(); "broker reachable");
+            let table = TopicTable::from_config(&config.kafka);
+            let missing: Vec<&str> = table
+                .topics()
+                .into_iter()
+                .filter(|t| {
+                    !metadata
+                        .topics()
+                        .iter()
+                        .any(|m| m.name() == *t && !m.partitions().is_empty())
+                })
+                .collect();
+            if missing.is_empty() {
+                log::info!(check = "topics", topics = table.topics().join(","); "topics present");
+            } else {
+                log::error!(check = "topics", missing = missing.join(","); "topics missing");
+                if status == ExitStatus::Ok {
+                    status = ExitStatus::TopicsMissing;
+                }
+            }
+        }
+    }
+    status
+}
+
+/// `migrate`: applies the worker's own migrations.
+pub fn migrate(config: &Config) -> ExitStatus {
+    let result = database::pool(&config.database)
+        .get_timeout(config.database.connect_timeout)
+        .map_err(DbError::from)
+        .and_then(|mut conn| repository::migrate(&mut conn));
+    match result {
+        Ok(applied) => {
+            log::info!(applied = format!("{applied:?}"); "migrations applied");
+            ExitStatus::Ok
+        }
+        Err(e) => {
+            log::error!(error = e.to_string(); "migration failed");
+            ExitStatus::Database
+        }
+    }
+}
+
+/// Which dead letters a `dead-letters` command works on.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub id: Option<i64>,
+    pub reason: Option<String>,
+    pub include_replayed: bool,
+    pub limit: i64,
+}
+
+fn select(config: &Config, selection: &Selection) -> Result<Vec<StoredDeadLetter>, DbError> {
+    if let Some(reason) = &selection.reason {
+        if Reason::parse(reason).is_none() {
+            let codes: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+            return Err(DbError::Permanent(format!(
+                "unknown reason {reason:?}; the reasons are {}",
+                codes.join(", ")
+            )));
+        }
+    }
+    let mut conn = database::pool(&config.database).get_timeout(config.database.connect_timeout)?;
+    repository::list_dead_letters(
+        &mut conn,
+        selection.id,
+        selection.reason.as_deref(),
+        selection.include_replayed,
+        selection.limit,
+    )
+}
+
+/// `dead-letters list`: one JSON object per dead letter on stdout, newest first.
+pub fn list_dead_letters(config: &Config, selection: &Selection, out: &mut dyn std::io::Write) -> ExitStatus {
+    match select(config, selection) {
+        Ok(rows) => {
+            for row in &rows {
+                let line = serde_json::json!({
+                    "id": row.id,
+                    "created_at": row.created_at.to_rfc3339(),
+                    "reason": row.reason,
+                    "error": row.error,
+                    "topic": row.topic,
+                    "partition": row.kafka_partition,
+                    "offset": row.kafka_offset,
+                    "booking_id": row.booking_id,
+                    "baggage": row.baggage,
+                    "key": row.record_key.as_deref().map(String::from_utf8_lossy),
+                    "payload": String::from_utf8_lossy(&row.payload[..row.payload.len().min(4096)]),
+                    "payload_bytes": row.payload.len(),
+                    "replayed_at": row.replayed_at.map(|t| t.to_rfc3339()),
+                });
+                if writeln!(out, "{line}").is_err() {
+                    return ExitStatus::Failure;
+                }
+            }
+            log::info!(count = rows.len(); "dead letters listed");
+            ExitStatus::Ok
+        }
+        Err(e) => {
+            log::error!(error = e.to_string(); "could not list dead letters");
+            ExitStatus::Database
+        }
+    }
+}
+
+/// `dead-letters replay`: runs each selected dead letter through the same handling again. One that
+/// now reaches another end is marked replayed; one that still fails keeps its row, with the new
+/// reason and error.
+pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus {
+    let rows = match select(config, selection) {
+        Ok(rows) => rows,
+        Err(e) => {
+            log::error!(error = e.to_string(); "could not read dead letters");
+            return ExitStatus::Database;
+        }
+    };
+    let table = TopicTable::from_config(&config.kafka);
+    let pool = database::pool(&config.database);
+    let (mut replayed, mut failing) = (0usize, 0usize);
+    for row in rows.iter().filter(|r| r.replayed_at.is_none()) {
+        let Some(kind) = table.kind(&row.topic) else {
+            log::error!(id = row.id, topic = row.topic.as_str();
+                "dead letter from a topic that is not configured; set KAFKA_*_TOPIC to replay it");
+            failing += 1;
+            continue;
+        };
+        let meta = RecordMeta {
+            tp: TopicPartition::new(&row.topic, row.kafka_partition),
+            offset: row.kafka_offset,
+            key: row.record_key.clone(),
+            payload: row.payload.clone(),
+            baggage: row.baggage.clone(),
+            received_at: Instant::now(),
+        };
+        let work = match kind.decode(&meta.payload, config.pipeline.max_payload_bytes) {
+            Ok(event) => Work::Apply { meta, event },
+            Err(rejection) => Work::Reject { meta, rejection },
+        };
+        let result = pool
+            .get_timeout(config.database.connect_timeout)
+            .map_err(DbError::from)
+            .and_then(|mut conn| {
+                let result = handlers::apply_batch(&mut conn, std::slice::from_ref(&work))?;
+                let outcome = result.outcomes.into_iter().next();
+                match &outcome {
+                    Some(Outcome::DeadLettered(r)) => {
+                        repository::note_replay_failure(&mut conn, row.id, r.reason.as_str(), &r.error)?
+                    }
+                    Some(Outcome::AlreadyDeadLettered) | None => {}
+                    Some(_) => repository::mark_replayed(&mut conn, row.id)?,
+                }
+                Ok(outcome)
+            });
+        match result {
+            Ok(Some(Outcome::DeadLettered(r))) => {
+                failing += 1;
+                log::warn!(id = row.id, reason = r.reason.as_str(), error = r.error.as_str(); "still failing");
+            }
+            Ok(Some(Outcome::AlreadyDeadLettered)) | Ok(None) => {
+                failing += 1;
+                log::warn!(id = row.id; "still failing: the booking has not arrived");
+            }
+            Ok(Some(outcome)) => {
+                replayed += 1;
+                log::info!(id = row.id, end = outcome.as_str(); "dead letter replayed");
+            }
+            Err(e) => {
+                log::error!(id = row.id, error = e.to_string(); "database error; nothing changed");
+                return ExitStatus::Database;
+            }
+        }
+    }
+    log::info!(replayed, still_failing = failing; "replay finished");
+    if failing > 0 {
+        ExitStatus::StillFailing
+    } else {
+        ExitStatus::Ok
+    }
+}
+
+/// `healthcheck`: 0 when `/healthz` answers 200, for Docker's HEALTHCHECK.
+pub fn healthcheck(config: &Config) -> ExitStatus {
+    let Some(addr) = config.metrics_addr else {
+        eprintln!("booking-worker healthcheck: METRICS_ADDR is off, so there is no endpoint to ask");
+        return ExitStatus::Failure;
+    };
+    match http::get_status(&addr.to_string(), "/healthz", Duration::from_secs(3)) {
+        Ok(200) => ExitStatus::Ok,
+        Ok(code) => {
+            eprintln!("booking-worker healthcheck: /healthz answered {code}");
+            ExitStatus::Failure
+        }
+        Err(e) => {
+            eprintln!("booking-worker healthcheck: {addr}: {e}");
+            ExitStatus::Failure
+        }
+    }
+}
