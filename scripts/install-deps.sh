@@ -8,8 +8,15 @@
 # Idempotent and quick when everything is present: each item is checked first,
 # and `apt-get update` runs at most once, only if something is missing.
 #
-# Usage: scripts/install-deps.sh     (as root to install; otherwise it only
-#                                     checks and lists what is missing)
+# Usage: scripts/install-deps.sh [--build-only]
+#   (as root to install; otherwise it only checks and lists what is missing)
+#
+#   --build-only   only what building the binary needs (the first two items:
+#                  make gcc g++ pkg-config zlib1g-dev libpq-dev); nothing for
+#                  the test services, no rustup components. The Dockerfile's
+#                  build stage runs this, so the image is built with exactly
+#                  the packages CI builds with. cargo itself is not installed
+#                  here (rustup, or the Rust image, provides it).
 
 set -euo pipefail
 
@@ -17,6 +24,18 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LOG_TAG="install-deps"
 # shellcheck source=scripts/lib.sh
 . "$SCRIPT_DIR/lib.sh"
+
+build_only=0
+for arg in "$@"; do
+    case "$arg" in
+        --build-only) build_only=1 ;;
+        -h | --help)
+            awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+            exit 0
+            ;;
+        *) die "unknown argument: $arg (usage: scripts/install-deps.sh [--build-only])" ;;
+    esac
+done
 
 # rustup installs cargo into ~/.cargo/bin; make it visible to a bare shell.
 if ! have cargo && [[ -f "$HOME/.cargo/env" ]]; then
@@ -39,23 +58,26 @@ for pkg in zlib1g-dev libpq-dev; do
     fi
 done
 
-# PostgreSQL server binaries (any version under /usr/lib/postgresql).
-pg_server_found=0
-for dir in /usr/lib/postgresql/*/bin; do
-    if [[ -x "$dir/initdb" && -x "$dir/pg_ctl" ]]; then
-        pg_server_found=1
+# The test services: only without --build-only.
+if [[ "$build_only" -eq 0 ]]; then
+    # PostgreSQL server binaries (any version under /usr/lib/postgresql).
+    pg_server_found=0
+    for dir in /usr/lib/postgresql/*/bin; do
+        if [[ -x "$dir/initdb" && -x "$dir/pg_ctl" ]]; then
+            pg_server_found=1
+        fi
+    done
+    if [[ "$pg_server_found" -eq 0 ]] && ! { have initdb && have pg_ctl; }; then
+        missing+=(postgresql)
     fi
-done
-if [[ "$pg_server_found" -eq 0 ]] && ! { have initdb && have pg_ctl; }; then
-    missing+=(postgresql)
-fi
 
-java_version="$(java_major)"
-if [[ -z "$java_version" || "$java_version" -lt 17 ]]; then
-    missing+=(openjdk-17-jre-headless)
-fi
-if ! have mvn; then
-    missing+=(maven)
+    java_version="$(java_major)"
+    if [[ -z "$java_version" || "$java_version" -lt 17 ]]; then
+        missing+=(openjdk-17-jre-headless)
+    fi
+    if ! have mvn; then
+        missing+=(maven)
+    fi
 fi
 
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -67,6 +89,14 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     fi
 else
     log "system packages: all present"
+fi
+
+if [[ "$build_only" -eq 1 ]]; then
+    # Building also needs cargo, which this script does not install; say so
+    # without failing, so the packages can be installed before rustup runs.
+    have cargo || warn "cargo not found: install Rust with rustup (https://rustup.rs) before building"
+    log "done (--build-only)"
+    exit 0
 fi
 
 # Rust toolchain components.

