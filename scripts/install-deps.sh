@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what building and testing booking-worker needs on Debian/Ubuntu:
 #   - C toolchain for the bundled librdkafka/zstd build: make gcc g++ pkg-config zlib1g-dev
+#     libssl-dev (Kafka TLS and SASL through the system OpenSSL)
 #   - libpq-dev (the worker links the system libpq, found through pkg-config)
 #   - PostgreSQL server binaries (throwaway test cluster, scripts/postgres.sh)
 #   - Java 17+ and Maven (the test Kafka broker, scripts/kafka.sh)
@@ -12,7 +13,7 @@
 #   (as root to install; otherwise it only checks and lists what is missing)
 #
 #   --build-only   only what building the binary needs (the first two items:
-#                  make gcc g++ pkg-config zlib1g-dev libpq-dev); nothing for
+#                  make gcc g++ pkg-config zlib1g-dev libssl-dev libpq-dev); nothing for
 #                  the test services, no rustup components. The Dockerfile's
 #                  build stage runs this, so the image is built with exactly
 #                  the packages CI builds with. cargo itself is not installed
@@ -52,7 +53,7 @@ for pair in make:make gcc:gcc g++:g++ pkg-config:pkg-config; do
     fi
 done
 
-for pkg in zlib1g-dev libpq-dev; do
+for pkg in zlib1g-dev libssl-dev libpq-dev; do
     if ! deb_installed "$pkg"; then
         missing+=("$pkg")
     fi
