@@ -71,8 +71,9 @@ def watch(pid, addr, until):
     started = time.monotonic()
     first = None
     last_count, last_change = -1, time.monotonic()
+    depths = []
     while True:
-        time.sleep(0.2)
+        time.sleep(0.05)
         try:
             m = scrape(addr)
         except OSError:
@@ -80,6 +81,8 @@ def watch(pid, addr, until):
                 sys.exit(f"bench: no metrics from the worker at {addr}")
             continue
         count = total(m, "booking_worker_events_total")
+        if 0 < count < until:
+            depths.append(total(m, "booking_worker_channel_depth"))
         now = time.monotonic()
         if count > 0 and first is None:
             first = now
@@ -102,6 +105,7 @@ def watch(pid, addr, until):
         "peak_rss_mib": round(rss, 1),
         "cpu_seconds": round(cpu, 2),
         "transactions": int(total(m, "booking_worker_db_transactions_total", result="committed")),
+        "mean_channel_depth": round(sum(depths) / len(depths)) if depths else None,
     }
 
 

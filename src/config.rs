@@ -200,13 +200,23 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "KAFKA_QUEUED_MAX_KBYTES",
-        default: "1024",
+        default: "512",
         help: "librdkafka prefetch buffer per partition, KiB",
     },
     Variable {
+        name: "KAFKA_MAX_PARTITION_FETCH_BYTES",
+        default: "262144",
+        help: "largest fetch per partition, bytes",
+    },
+    Variable {
         name: "KAFKA_FETCH_MAX_BYTES",
-        default: "4194304",
+        default: "2097152",
         help: "largest fetch response, bytes",
+    },
+    Variable {
+        name: "KAFKA_FETCH_QUEUE_BACKOFF_MS",
+        default: "20",
+        help: "pause before refetching a full partition queue, ms",
     },
     Variable {
         name: "KAFKA_PROP_<NAME>",
@@ -283,8 +293,10 @@ impl Config {
     pub fn from_vars(vars: &[(String, String)]) -> Result<Config, ConfigError> {
         let env = Env { vars };
         let writers = env.number("WRITER_THREADS", 2usize, 1, 256)?;
-        let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 4 * 1024 * 1024u64, 1024, 1 << 30)?;
-        let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 1024u64, 1, 2_097_151)?;
+        let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 2 * 1024 * 1024u64, 1024, 1 << 30)?;
+        let partition_fetch_bytes = env.number("KAFKA_MAX_PARTITION_FETCH_BYTES", 256 * 1024u64, 1024, 1 << 30)?;
+        let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 512u64, 1, 2_097_151)?;
+        let queue_backoff_ms = env.number("KAFKA_FETCH_QUEUE_BACKOFF_MS", 20u64, 0, 300_000)?;
         let stats_ms = env.number("KAFKA_STATS_INTERVAL_MS", 5000u64, 0, 86_400_000)?;
 
         let database = DatabaseConfig {
@@ -311,13 +323,11 @@ impl Config {
         let mut properties: Vec<(String, String)> = vec![
             ("queued.max.messages.kbytes".into(), queued_kbytes.to_string()),
             ("fetch.max.bytes".into(), fetch_max_bytes.to_string()),
-            (
-                "max.partition.fetch.bytes".into(),
-                fetch_max_bytes.min(1024 * 1024).to_string(),
-            ),
+            ("max.partition.fetch.bytes".into(), partition_fetch_bytes.to_string()),
+            ("fetch.queue.backoff.ms".into(), queue_backoff_ms.to_string()),
             (
                 "receive.message.max.bytes".into(),
-                (fetch_max_bytes + 1024 * 1024).to_string(),
+                (fetch_max_bytes.max(partition_fetch_bytes) + 1024 * 1024).to_string(),
             ),
             ("statistics.interval.ms".into(), stats_ms.to_string()),
         ];
@@ -558,7 +568,9 @@ mod tests {
         };
         assert_eq!(get("security.protocol"), ["sasl_ssl"]);
         assert_eq!(get("queued.max.messages.kbytes"), ["2048"]);
-        assert_eq!(get("fetch.max.bytes"), ["4194304"]);
+        assert_eq!(get("fetch.max.bytes"), ["2097152"]);
+        assert_eq!(get("max.partition.fetch.bytes"), ["262144"]);
+        assert_eq!(get("fetch.queue.backoff.ms"), ["20"]);
     }
 
     #[test]

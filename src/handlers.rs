@@ -76,9 +76,7 @@ pub fn apply_batch(conn: &mut PgConnection, batch: &[Work]) -> Result<BatchResul
 }
 
 fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<BatchResult, DbError> {
-    let mut booking_ids: Vec<&str> = batch.iter().filter_map(Work::event).map(Event::booking_id).collect();
-    booking_ids.sort_unstable();
-    booking_ids.dedup();
+    let booking_ids = distinct(batch.iter().filter_map(Work::event).map(Event::booking_id));
     repository::lock_booking_ids(conn, &booking_ids)?;
 
     let mut outcomes: Vec<Option<Outcome>> = batch
@@ -106,14 +104,14 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
         })
         .collect();
 
-    let user_refs: Vec<&str> = bookings
-        .iter()
-        .map(|(_, b)| b.user_id.as_str())
-        .chain(cancellations.iter().map(|(_, c)| c.user_id.as_str()))
-        .collect();
+    let user_refs = distinct(
+        bookings
+            .iter()
+            .map(|(_, b)| b.user_id.as_str())
+            .chain(cancellations.iter().map(|(_, c)| c.user_id.as_str())),
+    );
     let mut users = repository::resolve_user_ids(conn, &user_refs)?;
-    let room_refs: Vec<&str> = bookings.iter().map(|(_, b)| b.room_id.as_str()).collect();
-    let rooms = repository::resolve_room_ids(conn, &room_refs)?;
+    let rooms = repository::resolve_room_ids(conn, &distinct(bookings.iter().map(|(_, b)| b.room_id.as_str())))?;
 
     // Bookings: the first event of a booking id in the batch creates it, later ones are duplicates.
     let mut seen = HashSet::new();
@@ -162,11 +160,12 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
     // Cancellations parked for the bookings just created are applied now, before this batch's.
     let created_refs: Vec<&str> = created.keys().map(String::as_str).collect();
     let released = repository::take_parked_cancellations(conn, &created_refs)?;
-    let missing_users: Vec<&str> = released
-        .iter()
-        .map(|p| p.user_ref.as_str())
-        .filter(|u| !users.contains_key(*u))
-        .collect();
+    let missing_users = distinct(
+        released
+            .iter()
+            .map(|p| p.user_ref.as_str())
+            .filter(|u| !users.contains_key(*u)),
+    );
     users.extend(repository::resolve_user_ids(conn, &missing_users)?);
 
     let requests: Vec<CancelRequest<'_>> = released
@@ -275,6 +274,15 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
     repository::insert_dead_letters(conn, &letters)?;
 
     Ok(BatchResult { outcomes, released })
+}
+
+/// The distinct values, sorted: a batch names the same few users and rooms many times, and the
+/// database need not see each more than once.
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = values.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn dead(reason: Reason, error: impl Into<String>) -> Outcome {
