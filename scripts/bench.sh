@@ -14,7 +14,9 @@
 #   scripts/bench.sh --steady RATE SECONDS [--json F]  steady rate, latency percentiles
 #
 # Environment: BENCH_BASELINE_MAX (cap on the events the batching-off run
-# processes before its rate is taken; default all), plus the worker's own
+# processes before its rate is taken; default all), BENCH_COMPRESSION (the
+# producer's compression of the pre-loaded records: lz4 by default, none, gzip
+# or zstd), plus the worker's own
 # variables. Services are started as for scripts/test.sh unless KAFKA_BROKERS /
 # DB_HOST point at running ones.
 
@@ -134,7 +136,7 @@ while True:
 fi
 
 log "pre-loading $EVENTS bookings (20% cancelled) with the load generator"
-./target/release/booking-loadgen --count "$EVENTS" --cancel-ratio 0.2 --early-cancel-ratio 0 --unauthorized-ratio 0 \
+./target/release/booking-loadgen --count "$EVENTS" --compression "${BENCH_COMPRESSION:-lz4}" --cancel-ratio 0.2 --early-cancel-ratio 0 --unauthorized-ratio 0 \
     --duplicate-ratio 0 --bad-ratio 0 --baggage-ratio 0.5 --id-prefix "$RUN_ID" \
     --booking-topic "$BOOKINGS_TOPIC" --cancellation-topic "$CANCELS_TOPIC" --ledger "$LEDGER" >"$SESSION_DIR/loadgen.json"
 total="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$LEDGER")"

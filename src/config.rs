@@ -200,7 +200,7 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "KAFKA_QUEUED_MAX_KBYTES",
-        default: "512",
+        default: "256",
         help: "librdkafka prefetch buffer per partition, KiB",
     },
     Variable {
@@ -210,7 +210,7 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "KAFKA_FETCH_MAX_BYTES",
-        default: "2097152",
+        default: "1048576",
         help: "largest fetch response, bytes",
     },
     Variable {
@@ -240,7 +240,7 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "CHANNEL_CAPACITY",
-        default: "1024",
+        default: "512",
         help: "events queued per writer before consumption pauses",
     },
     Variable {
@@ -280,6 +280,23 @@ pub const VARIABLES: &[Variable] = &[
     },
 ];
 
+/// The least `receive.message.max.bytes` the consumer gets: 32 MiB.
+///
+/// librdkafka also uses this property as the cap on a record batch's size once decompressed. When
+/// a zstd frame does not state its size, the output buffer grows in steps of about 4x and gives up
+/// at the first step above the cap, so a batch that decompresses to more than about a quarter of
+/// the cap fails with "Invalid compressed data" on every fetch, and its partition never moves
+/// again: one large (still valid) record would stop the worker. 32 MiB lets batches of several
+/// MiB through whatever their compression; the memory is taken only while such a batch is being
+/// decompressed (how much is fetched and queued is bounded by the fetch settings, not by this).
+pub const MIN_RECEIVE_MESSAGE_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
+/// `receive.message.max.bytes`: above the largest fetch response (librdkafka requires it), and
+/// never below [`MIN_RECEIVE_MESSAGE_MAX_BYTES`].
+pub fn receive_message_max_bytes(fetch_max_bytes: u64, partition_fetch_bytes: u64) -> u64 {
+    (fetch_max_bytes.max(partition_fetch_bytes) + 1024 * 1024).max(MIN_RECEIVE_MESSAGE_MAX_BYTES)
+}
+
 impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
@@ -293,9 +310,9 @@ impl Config {
     pub fn from_vars(vars: &[(String, String)]) -> Result<Config, ConfigError> {
         let env = Env { vars };
         let writers = env.number("WRITER_THREADS", 2usize, 1, 256)?;
-        let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 2 * 1024 * 1024u64, 1024, 1 << 30)?;
+        let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 1024 * 1024u64, 1024, 1 << 30)?;
         let partition_fetch_bytes = env.number("KAFKA_MAX_PARTITION_FETCH_BYTES", 256 * 1024u64, 1024, 1 << 30)?;
-        let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 512u64, 1, 2_097_151)?;
+        let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 256u64, 1, 2_097_151)?;
         let queue_backoff_ms = env.number("KAFKA_FETCH_QUEUE_BACKOFF_MS", 20u64, 0, 300_000)?;
         let stats_ms = env.number("KAFKA_STATS_INTERVAL_MS", 5000u64, 0, 86_400_000)?;
 
@@ -322,12 +339,13 @@ impl Config {
 
         let mut properties: Vec<(String, String)> = vec![
             ("queued.max.messages.kbytes".into(), queued_kbytes.to_string()),
+            ("queued.min.messages".into(), "1000".into()),
             ("fetch.max.bytes".into(), fetch_max_bytes.to_string()),
             ("max.partition.fetch.bytes".into(), partition_fetch_bytes.to_string()),
             ("fetch.queue.backoff.ms".into(), queue_backoff_ms.to_string()),
             (
                 "receive.message.max.bytes".into(),
-                (fetch_max_bytes.max(partition_fetch_bytes) + 1024 * 1024).to_string(),
+                receive_message_max_bytes(fetch_max_bytes, partition_fetch_bytes).to_string(),
             ),
             ("statistics.interval.ms".into(), stats_ms.to_string()),
         ];
@@ -370,7 +388,7 @@ impl Config {
             writers,
             batch_size: env.number("BATCH_SIZE", 500usize, 1, 100_000)?,
             batch_linger: Duration::from_millis(env.number("BATCH_LINGER_MS", 5u64, 0, 60_000)?),
-            channel_capacity: env.number("CHANNEL_CAPACITY", 1024usize, 1, 1_000_000)?,
+            channel_capacity: env.number("CHANNEL_CAPACITY", 512usize, 1, 1_000_000)?,
             max_payload_bytes: env.number("MAX_PAYLOAD_BYTES", 65_536usize, 256, 64 << 20)?,
             retry_max_backoff: Duration::from_millis(env.number("RETRY_MAX_BACKOFF_MS", 5_000u64, 10, 600_000)?),
             rebalance_drain_timeout: Duration::from_secs(env.number("REBALANCE_DRAIN_TIMEOUT_SECS", 30u64, 0, 3600)?),
@@ -568,9 +586,37 @@ mod tests {
         };
         assert_eq!(get("security.protocol"), ["sasl_ssl"]);
         assert_eq!(get("queued.max.messages.kbytes"), ["2048"]);
-        assert_eq!(get("fetch.max.bytes"), ["2097152"]);
+        assert_eq!(get("fetch.max.bytes"), ["1048576"]);
         assert_eq!(get("max.partition.fetch.bytes"), ["262144"]);
         assert_eq!(get("fetch.queue.backoff.ms"), ["20"]);
+    }
+
+    /// Regression: with `receive.message.max.bytes` at fetch size + 1 MiB (3 MiB), a batch holding
+    /// one 3 MiB record could not be decompressed and its partition stalled for good.
+    #[test]
+    fn record_batches_of_several_mib_can_be_decompressed() {
+        let receive = |extra: &[(&str, &str)]| {
+            let c = Config::from_vars(&vars(extra)).unwrap();
+            let values: Vec<u64> = c
+                .kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| k == "receive.message.max.bytes")
+                .map(|(_, v)| v.parse().unwrap())
+                .collect();
+            *values.last().unwrap()
+        };
+        assert_eq!(receive(&[]), MIN_RECEIVE_MESSAGE_MAX_BYTES);
+        assert_eq!(
+            receive(&[("KAFKA_FETCH_MAX_BYTES", "67108864")]),
+            67_108_864 + 1024 * 1024,
+            "always above the largest fetch response"
+        );
+        assert_eq!(
+            receive(&[("KAFKA_PROP_RECEIVE_MESSAGE_MAX_BYTES", "8388608")]),
+            8_388_608,
+            "an explicit property wins"
+        );
     }
 
     #[test]

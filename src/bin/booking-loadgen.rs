@@ -67,6 +67,9 @@ struct Args {
     /// Random seed; the same seed and options give the same stream.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Producer compression: none, gzip, lz4 or zstd.
+    #[arg(long, default_value = "lz4")]
+    compression: String,
     /// Write the expected end state (bookings and dead letters) to this JSON file.
     #[arg(long)]
     ledger: Option<std::path::PathBuf>,
@@ -143,7 +146,7 @@ fn main() -> ExitCode {
     let producer: BaseProducer<Deliveries> = match ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("linger.ms", "5")
-        .set("compression.type", "lz4")
+        .set("compression.type", &args.compression)
         .set("queue.buffering.max.messages", "200000")
         .set("enable.idempotence", "true")
         .create_with_context(Deliveries::default())
