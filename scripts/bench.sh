@@ -58,18 +58,7 @@ session_on_exit() {
 }
 session_begin bench
 
-if [[ -z "${KAFKA_BROKERS:-}" ]] || ! brokers_answer "$KAFKA_BROKERS"; then
-    KAFKA_PORT="$(free_port)"
-    KAFKA_CONTROLLER_PORT="$(free_port "$KAFKA_PORT")"
-    export KAFKA_PORT KAFKA_CONTROLLER_PORT
-fi
-session_kafka
-if [[ -z "${DB_HOST:-}" && -z "${DB_PORT:-}" ]]; then
-    export DB_HOST=127.0.0.1
-    DB_PORT="$(free_port "${KAFKA_PORT:-}" "${KAFKA_CONTROLLER_PORT:-}")"
-    export DB_PORT
-fi
-session_postgres || true
+session_isolated_services
 ADMIN_DB="$DB_NAME"
 
 cd "$ROOT_DIR"

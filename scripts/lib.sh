@@ -255,3 +255,21 @@ session_postgres() {
     fi
     return 1
 }
+
+# Services for tests and benchmarks, isolated from a developer's own: a
+# broker on free ports unless KAFKA_BROKERS answers, and a throwaway cluster
+# on a free port unless DB_HOST or DB_PORT is set.
+session_isolated_services() {
+    if [[ -z "${KAFKA_BROKERS:-}" ]] || ! brokers_answer "$KAFKA_BROKERS"; then
+        KAFKA_PORT="$(free_port)"
+        KAFKA_CONTROLLER_PORT="$(free_port "$KAFKA_PORT")"
+        export KAFKA_PORT KAFKA_CONTROLLER_PORT
+    fi
+    session_kafka
+    PG_PORT="$(free_port "${KAFKA_PORT:-}" "${KAFKA_CONTROLLER_PORT:-}")"
+    export PG_PORT
+    if [[ -z "${DB_HOST:-}" && -z "${DB_PORT:-}" ]]; then
+        export DB_HOST=127.0.0.1 DB_PORT="$PG_PORT"
+    fi
+    session_postgres || true
+}

@@ -35,22 +35,7 @@ session_on_exit() {
 }
 session_begin test
 
-# Kafka: a throwaway broker on free ports unless KAFKA_BROKERS answers.
-if [[ -z "${KAFKA_BROKERS:-}" ]] || ! brokers_answer "$KAFKA_BROKERS"; then
-    KAFKA_PORT="$(free_port)"
-    KAFKA_CONTROLLER_PORT="$(free_port "$KAFKA_PORT")"
-    export KAFKA_PORT KAFKA_CONTROLLER_PORT
-fi
-session_kafka
-
-# PostgreSQL: nothing configured means a throwaway cluster on a free port, so
-# the tests never touch a developer's default server.
-PG_PORT="$(free_port "${KAFKA_PORT:-}" "${KAFKA_CONTROLLER_PORT:-}")"
-export PG_PORT
-if [[ -z "${DB_HOST:-}" && -z "${DB_PORT:-}" ]]; then
-    export DB_HOST=127.0.0.1 DB_PORT="$PG_PORT"
-fi
-session_postgres || true
+session_isolated_services
 
 export BOOKING_WORKER_REQUIRE_SERVICES=1
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
