@@ -3,7 +3,15 @@
 # and tests of booking-worker. The broker jars come from Maven Central and are
 # cached, so only the first start needs Maven.
 #
-# Usage: scripts/kafka.sh start|stop|status
+# Usage: scripts/kafka.sh start|stop|restart|status
+#
+#   start    start a broker (or reuse the running one); a broker stopped with
+#            KAFKA_KEEP_DATA=1 is started again on its data and ports
+#   stop     stop it and delete its data (KAFKA_KEEP_DATA=1: keep the data,
+#            so that the next `start` brings the same broker back)
+#   restart  stop keeping the data, then start again (offsets, topics and
+#            records survive; used by the reliability tests)
+#   status   say whether it runs
 #
 # Environment:
 #   KAFKA_PORT              broker port on 127.0.0.1 (default 9092)
@@ -11,6 +19,8 @@
 #                           free port if that one is taken)
 #   KAFKA_DATA_DIR          throwaway dir for data, config and logs (default:
 #                           a new mktemp dir under /tmp); deleted by `stop`
+#   KAFKA_KEEP_DATA         1: `stop` keeps the data dir and state for a later
+#                           `start` (default 0)
 #   KAFKA_STATE_DIR         where pid/state are kept
 #                           (default /tmp/booking-worker-kafka-$KAFKA_PORT)
 #   KAFKA_NUM_PARTITIONS    partitions of auto-created topics (default 4)
@@ -145,6 +155,15 @@ remove_state() {
     rm -rf "$STATE_DIR"
 }
 
+# True if a broker was stopped with KAFKA_KEEP_DATA=1 and its data is still
+# there to start it again.
+kept_state() {
+    local data_dir
+    [[ "$(state_get "$STATE_FILE" kept)" == 1 ]] || return 1
+    data_dir="$(state_get "$STATE_FILE" data_dir)"
+    [[ -n "$data_dir" && -f "$data_dir/server.properties" ]]
+}
+
 new_cluster_id() {
     # Kafka cluster ids are 16 random bytes in URL-safe base64 without
     # padding; like Kafka's own Uuid.randomUuid, avoid a leading '-'.
@@ -197,6 +216,69 @@ wait_ready() {
     done
 }
 
+# launch DATA_DIR [format]: (formats the storage, then) starts the broker of
+# DATA_DIR/server.properties in the background, records its pid and waits
+# until it is ready. Prints KAFKA_BROKERS=... on success.
+launch() {
+    local data_dir="$1" format="${2:-}" pid
+    local props="$data_dir/server.properties" log4j="$data_dir/log4j2.properties"
+    local -a jvm
+    # Word splitting of the *_OPTS variables is intended.
+    # shellcheck disable=SC2206
+    jvm=($KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+        -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent
+        -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
+        "-Dlog4j2.configurationFile=$log4j" "-Dkafka.logs.dir=$data_dir/logs"
+        $KAFKA_JVM_OPTS -cp "$LIB_DIR/*")
+
+    if [[ "$format" == format ]]; then
+        log "formatting storage in $data_dir"
+        if ! java "${jvm[@]}" kafka.tools.StorageTool format --standalone \
+            -t "$(new_cluster_id)" -c "$props" >"$data_dir/logs/format.log" 2>&1; then
+            cat "$data_dir/logs/format.log" >&2
+            remove_state
+            die "kafka storage format failed"
+        fi
+    fi
+
+    log "starting Kafka $KAFKA_VERSION on $BROKERS (controller $HOST:$(state_get "$STATE_FILE" controller_port), data $data_dir)"
+    # setsid + nohup: the broker outlives this script and its terminal; no
+    # stdio is inherited, so `$(kafka.sh start)` returns once we exit.
+    setsid nohup java "${jvm[@]}" kafka.Kafka "$props" \
+        </dev/null >>"$data_dir/logs/kafka.out" 2>&1 &
+    pid=$!
+    echo "pid=$pid" >>"$STATE_FILE"
+
+    if ! wait_ready "$pid" "$data_dir"; then
+        show_log_tail "$data_dir"
+        kill -KILL "$pid" 2>/dev/null || true
+        die "Kafka did not start; logs kept in $data_dir/logs (next start cleans up)"
+    fi
+    log "Kafka is ready on $BROKERS (pid $pid) after ${SECONDS}s"
+    echo "KAFKA_BROKERS=$BROKERS"
+}
+
+# Starts again a broker stopped with KAFKA_KEEP_DATA=1, on its own data and
+# ports.
+start_kept() {
+    local data_dir port
+    data_dir="$(state_get "$STATE_FILE" data_dir)"
+    port="$(state_get "$STATE_FILE" port)"
+    [[ "$port" == "$KAFKA_PORT" ]] || die "the kept broker in $STATE_DIR listened on $port, not KAFKA_PORT=$KAFKA_PORT"
+    if port_open "$HOST" "$KAFKA_PORT"; then
+        die "cannot start the kept broker: something else answers on $BROKERS"
+    fi
+    ensure_java
+    ensure_libs
+    # The last start marker would make wait_ready succeed at once.
+    if [[ -f "$data_dir/logs/server.log" ]]; then
+        mv "$data_dir/logs/server.log" "$data_dir/logs/server.log.$(date +%s%N)"
+    fi
+    sed -i '/^kept=/d; /^pid=/d' "$STATE_FILE"
+    log "starting the broker stopped earlier, on its kept data"
+    launch "$data_dir"
+}
+
 # --------------------------------------------------------------------------
 # Commands
 
@@ -215,6 +297,10 @@ cmd_start() {
             fi
         fi
         echo "KAFKA_BROKERS=$BROKERS"
+        return 0
+    fi
+    if kept_state; then
+        start_kept
         return 0
     fi
     if [[ -f "$STATE_FILE" ]]; then
@@ -303,45 +389,17 @@ logger.authorizer.name = kafka.authorizer.logger
 logger.authorizer.level = WARN
 EOF
 
-    local -a jvm
-    # Word splitting of the *_OPTS variables is intended.
-    # shellcheck disable=SC2206
-    jvm=($KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20
-        -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent
-        -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
-        "-Dlog4j2.configurationFile=$log4j" "-Dkafka.logs.dir=$data_dir/logs"
-        $KAFKA_JVM_OPTS -cp "$LIB_DIR/*")
-
-    log "formatting storage in $data_dir"
-    if ! java "${jvm[@]}" kafka.tools.StorageTool format --standalone \
-        -t "$(new_cluster_id)" -c "$props" >"$data_dir/logs/format.log" 2>&1; then
-        cat "$data_dir/logs/format.log" >&2
-        remove_state
-        die "kafka storage format failed"
-    fi
-
-    log "starting Kafka $KAFKA_VERSION on $BROKERS (controller $HOST:$cport, data $data_dir)"
-    # setsid + nohup: the broker outlives this script and its terminal; no
-    # stdio is inherited, so `$(kafka.sh start)` returns once we exit.
-    setsid nohup java "${jvm[@]}" kafka.Kafka "$props" \
-        </dev/null >"$data_dir/logs/kafka.out" 2>&1 &
-    pid=$!
-    echo "pid=$pid" >>"$STATE_FILE"
-
-    if ! wait_ready "$pid" "$data_dir"; then
-        show_log_tail "$data_dir"
-        kill -KILL "$pid" 2>/dev/null || true
-        die "Kafka did not start; logs kept in $data_dir/logs (next start cleans up)"
-    fi
-    log "Kafka is ready on $BROKERS (pid $pid) after ${SECONDS}s"
-    echo "KAFKA_BROKERS=$BROKERS"
+    launch "$data_dir" format
 }
 
 cmd_stop() {
-    local pid
+    local pid keep="${KAFKA_KEEP_DATA:-0}"
+    [[ "$keep" == 0 || "$keep" == 1 ]] || die "KAFKA_KEEP_DATA must be 0 or 1, got '$keep'"
     pid="$(running_pid)"
     if [[ -z "$pid" ]]; then
-        if [[ -f "$STATE_FILE" ]]; then
+        if [[ "$keep" == 1 ]] && kept_state; then
+            log "broker already stopped; its data is kept in $(state_get "$STATE_FILE" data_dir)"
+        elif [[ -f "$STATE_FILE" ]]; then
             log "broker already gone; removing its files"
             remove_state
         elif port_open "$HOST" "$KAFKA_PORT"; then
@@ -362,8 +420,19 @@ cmd_stop() {
         kill -KILL "$pid" 2>/dev/null || true
         while pid_alive "$pid"; do sleep 0.2; done
     fi
+    if [[ "$keep" == 1 ]]; then
+        sed -i '/^pid=/d; /^kept=/d' "$STATE_FILE"
+        echo "kept=1" >>"$STATE_FILE"
+        log "stopped; data kept in $(state_get "$STATE_FILE" data_dir) for the next start"
+        return 0
+    fi
     remove_state
     log "stopped"
+}
+
+cmd_restart() {
+    KAFKA_KEEP_DATA=1 cmd_stop
+    cmd_start
 }
 
 cmd_status() {
@@ -379,6 +448,10 @@ cmd_status() {
         echo "KAFKA_BROKERS=$BROKERS"
         return 0
     fi
+    if kept_state; then
+        log "stopped, data kept in $(state_get "$STATE_FILE" data_dir) (start brings it back)"
+        return 1
+    fi
     log "not running on $BROKERS"
     return 1
 }
@@ -386,9 +459,10 @@ cmd_status() {
 case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
+    restart) cmd_restart ;;
     status) cmd_status ;;
     *)
-        echo "usage: $0 start|stop|status" >&2
+        echo "usage: $0 start|stop|restart|status" >&2
         exit 2
         ;;
 esac
