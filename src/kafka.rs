@@ -23,6 +23,7 @@ use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -171,12 +172,16 @@ impl WorkerContext {
     }
 
     fn assign(&self, tpl: &TopicPartitionList) {
-        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-            log::error!("rebalance before the consumer was ready; partitions fall back to the main queue");
-            return;
-        };
         let mut state = self.lock();
         let Some(dispatcher) = state.dispatcher.clone() else {
+            // Shutting down: the consumer is closing (its last polls, in rdkafka's drop, can still
+            // deliver an assignment). Nothing is consumed or stored for these partitions, and the
+            // revocation that follows commits nothing for them.
+            log::info!(partitions = tpl.count(); "partitions assigned while the consumer closes; left to the group");
+            return;
+        };
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            log::error!("rebalance before the consumer was ready; partitions fall back to the main queue");
             return;
         };
         for elem in tpl.elements() {
@@ -353,6 +358,12 @@ impl PartitionReader {
         while !stopped() {
             match self.queue.poll(POLL_INTERVAL) {
                 None => {}
+                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadCompression))) => {
+                    log::error!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
+                        error = "BadCompression";
+                        "a record batch cannot be decompressed within receive.message.max.bytes; \
+                         the partition is stuck until KAFKA_PROP_RECEIVE_MESSAGE_MAX_BYTES is raised")
+                }
                 Some(Err(e)) => log::warn!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
                     error = e.to_string(); "partition consume error"),
                 Some(Ok(message)) => {
