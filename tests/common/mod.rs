@@ -329,14 +329,29 @@ pub struct TestProducer {
 
 impl TestProducer {
     pub fn new(services: &Services) -> TestProducer {
-        let producer = ClientConfig::new()
+        TestProducer::with_config(services, &[])
+    }
+
+    /// A producer with extra librdkafka properties (e.g. `enable.idempotence`).
+    pub fn with_config(services: &Services, extra: &[(&str, &str)]) -> TestProducer {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &services.brokers)
             .set("message.max.bytes", "4000000")
             .set("compression.type", "zstd")
-            .set("linger.ms", "5")
+            .set("linger.ms", "5");
+        for (k, v) in extra {
+            config.set(*k, *v);
+        }
+        let producer = config
             .create_with_context(DeliveryCheck::default())
             .expect("create producer");
         TestProducer { producer }
+    }
+
+    /// Deliveries that failed so far.
+    pub fn failed(&self) -> usize {
+        self.producer.context().failed.load(Ordering::SeqCst)
     }
 
     /// Sends one record, keyed, with optional raw headers.
@@ -366,6 +381,15 @@ impl TestProducer {
     }
 
     /// Waits until everything sent is acknowledged, and insists nothing failed.
+    /// Waits up to `timeout` for every queued record to be delivered (or to fail); see
+    /// [`TestProducer::failed`].
+    pub fn flush_within(&self, timeout: Duration) {
+        if let Err(e) = self.producer.flush(timeout) {
+            eprintln!("flush: {e}");
+            self.producer.context().failed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
     pub fn flush(&self) {
         self.producer.flush(Duration::from_secs(30)).expect("flush producer");
         assert_eq!(
@@ -482,7 +506,10 @@ pub struct WorkerProcess {
     /// Where this worker serves `/metrics`, `/healthz` and `/readyz`.
     pub metrics_addr: String,
     pub lines: Arc<Mutex<Vec<String>>>,
+    /// What the worker wrote on stderr (a panic message would land here); echoed as it comes.
+    pub stderr_lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
+    stderr_reader: Option<JoinHandle<()>>,
     pub name: String,
 }
 
@@ -499,12 +526,22 @@ impl WorkerProcess {
             .env("KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
             .env("KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "500")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start booking-worker");
         let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr_sink = Arc::clone(&stderr_lines);
+        let stderr_tag = name.to_string();
+        let stderr_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{stderr_tag} stderr] {line}");
+                stderr_sink.lock().unwrap().push(line);
+            }
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
         let tag = name.to_string();
@@ -520,13 +557,20 @@ impl WorkerProcess {
             child,
             metrics_addr,
             lines,
+            stderr_lines,
             reader: Some(reader),
+            stderr_reader: Some(stderr_reader),
             name: name.to_string(),
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Log lines parsed as JSON; every line must be JSON.
@@ -558,7 +602,7 @@ impl WorkerProcess {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for worker") {
-                if let Some(r) = self.reader.take() {
+                for r in [self.reader.take(), self.stderr_reader.take()].into_iter().flatten() {
                     let _ = r.join();
                 }
                 return status.code().unwrap_or(-1);
@@ -593,10 +637,13 @@ pub fn free_local_addr() -> String {
 }
 
 /// A TCP proxy in front of PostgreSQL that a test can cut: open connections are reset and new
-/// ones refused until it is restored.
+/// ones refused until it is restored. [`CuttableProxy::cut`] keeps the port open and closes each
+/// new connection at once; [`CuttableProxy::refuse`] closes the listening socket itself, so that
+/// connecting fails with "connection refused".
 pub struct CuttableProxy {
     pub port: u16,
     up: Arc<AtomicBool>,
+    listening: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
 }
@@ -607,13 +654,36 @@ impl CuttableProxy {
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let up = Arc::new(AtomicBool::new(true));
+        let listening = Arc::new(AtomicBool::new(true));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let target = format!("{target_host}:{target_port}");
-        let (up2, conns2, stop2) = (Arc::clone(&up), Arc::clone(&conns), Arc::clone(&stop));
+        let (up2, listening2, conns2, stop2) = (
+            Arc::clone(&up),
+            Arc::clone(&listening),
+            Arc::clone(&conns),
+            Arc::clone(&stop),
+        );
         std::thread::spawn(move || {
+            let mut listener = Some(listener);
             while !stop2.load(Ordering::SeqCst) {
-                match listener.accept() {
+                if !listening2.load(Ordering::SeqCst) {
+                    listener = None;
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let Some(open) = listener.as_ref() else {
+                    // Listen again on the same port (std sets SO_REUSEADDR).
+                    match TcpListener::bind(("127.0.0.1", port)) {
+                        Ok(l) => {
+                            l.set_nonblocking(true).unwrap();
+                            listener = Some(l);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                    continue;
+                };
+                match open.accept() {
                     Ok((client, _)) => {
                         if !up2.load(Ordering::SeqCst) {
                             let _ = client.shutdown(NetShutdown::Both);
@@ -634,7 +704,13 @@ impl CuttableProxy {
                 }
             }
         });
-        CuttableProxy { port, up, conns, stop }
+        CuttableProxy {
+            port,
+            up,
+            listening,
+            conns,
+            stop,
+        }
     }
 
     /// Resets every open connection and refuses new ones.
@@ -645,8 +721,26 @@ impl CuttableProxy {
         }
     }
 
+    /// Like [`CuttableProxy::cut`], and stops listening: new connections are refused by the
+    /// kernel (ECONNREFUSED), as when the server is down. Returns once the port is closed.
+    pub fn refuse(&self) {
+        self.listening.store(false, Ordering::SeqCst);
+        self.cut();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Lets connections through again (listening again after [`CuttableProxy::refuse`]).
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+        if !self.listening.swap(true, Ordering::SeqCst) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while TcpStream::connect(("127.0.0.1", self.port)).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 }
 
