@@ -38,7 +38,7 @@ pub fn find(headers: &[(Vec<u8>, Option<Vec<u8>>)]) -> HeaderBaggage {
     let cut = &value[..value.len().min(MAX_BAGGAGE_BYTES)];
     match std::str::from_utf8(value) {
         Ok(text) => HeaderBaggage::Present(truncate(text).trim().to_string()),
-        Err(_) => HeaderBaggage::NotUtf8(String::from_utf8_lossy(cut).trim().to_string()),
+        Err(_) => HeaderBaggage::NotUtf8(truncate(&String::from_utf8_lossy(cut)).trim().to_string()),
     }
 }
 
@@ -150,6 +150,16 @@ mod tests {
             panic!("expected baggage");
         };
         assert!(text.len() <= MAX_BAGGAGE_BYTES && text.len() >= MAX_BAGGAGE_BYTES - 1);
+    }
+
+    #[test]
+    fn a_huge_non_utf8_value_stays_within_the_limit_once_decoded_lossily() {
+        let value = vec![0xffu8; MAX_BAGGAGE_BYTES * 2];
+        let HeaderBaggage::NotUtf8(text) = find(&[header(b"baggage", &value)]) else {
+            panic!("expected lossy baggage");
+        };
+        assert!(text.len() <= MAX_BAGGAGE_BYTES, "{} bytes", text.len());
+        assert!(text.starts_with('\u{fffd}'));
     }
 
     #[test]
