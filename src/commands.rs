@@ -146,14 +146,14 @@ pub fn list_dead_letters(config: &Config, selection: &Selection, out: &mut dyn s
                     "created_at": row.created_at.to_rfc3339(),
                     "reason": row.reason,
                     "error": row.error,
-                    "topic": row.topic,
-                    "partition": row.kafka_partition,
-                    "offset": row.kafka_offset,
+                    "topic": row.record.topic,
+                    "partition": row.record.kafka_partition,
+                    "offset": row.record.kafka_offset,
                     "booking_id": row.booking_id,
-                    "baggage": row.baggage,
-                    "key": row.record_key.as_deref().map(String::from_utf8_lossy),
-                    "payload": String::from_utf8_lossy(&row.payload[..row.payload.len().min(4096)]),
-                    "payload_bytes": row.payload.len(),
+                    "baggage": row.record.baggage,
+                    "key": row.record.record_key.as_deref().map(String::from_utf8_lossy),
+                    "payload": String::from_utf8_lossy(&row.record.payload[..row.record.payload.len().min(4096)]),
+                    "payload_bytes": row.record.payload.len(),
                     "replayed_at": row.replayed_at.map(|t| t.to_rfc3339()),
                 });
                 if writeln!(out, "{line}").is_err() {
@@ -185,18 +185,18 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
     let pool = database::pool(&config.database);
     let (mut replayed, mut failing) = (0usize, 0usize);
     for row in rows.iter().filter(|r| r.replayed_at.is_none()) {
-        let Some(kind) = table.kind(&row.topic) else {
-            log::error!(id = row.id, topic = row.topic.as_str();
+        let Some(kind) = table.kind(&row.record.topic) else {
+            log::error!(id = row.id, topic = row.record.topic.as_str();
                 "dead letter from a topic that is not configured; set KAFKA_*_TOPIC to replay it");
             failing += 1;
             continue;
         };
         let meta = RecordMeta {
-            tp: TopicPartition::new(&row.topic, row.kafka_partition),
-            offset: row.kafka_offset,
-            key: row.record_key.clone(),
-            payload: row.payload.clone(),
-            baggage: row.baggage.clone(),
+            tp: TopicPartition::new(&row.record.topic, row.record.kafka_partition),
+            offset: row.record.kafka_offset,
+            key: row.record.record_key.clone(),
+            payload: row.record.payload.clone(),
+            baggage: row.record.baggage.clone(),
             received_at: Instant::now(),
         };
         let work = match kind.decode(&meta.payload, config.pipeline.max_payload_bytes) {

@@ -327,13 +327,9 @@ pub fn park_cancellations(conn: &mut PgConnection, parked: &[Parking<'_>]) -> Re
     Ok(())
 }
 
-/// A parked cancellation taken back out of the table.
+/// A consumed record as stored with a dead letter or a parked cancellation.
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
-pub struct ParkedCancellation {
-    #[diesel(sql_type = Text)]
-    pub booking_ref: String,
-    #[diesel(sql_type = Text)]
-    pub user_ref: String,
+pub struct StoredRecord {
     #[diesel(sql_type = Text)]
     pub topic: String,
     #[diesel(sql_type = Integer)]
@@ -346,11 +342,9 @@ pub struct ParkedCancellation {
     pub payload: Vec<u8>,
     #[diesel(sql_type = Nullable<Text>)]
     pub baggage: Option<String>,
-    #[diesel(sql_type = Timestamptz)]
-    pub parked_at: chrono::DateTime<chrono::Utc>,
 }
 
-impl ParkedCancellation {
+impl StoredRecord {
     pub fn source(&self) -> Source<'_> {
         Source {
             topic: &self.topic,
@@ -360,6 +354,25 @@ impl ParkedCancellation {
             payload: &self.payload,
             baggage: self.baggage.as_deref(),
         }
+    }
+}
+
+/// A parked cancellation taken back out of the table.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+pub struct ParkedCancellation {
+    #[diesel(sql_type = Text)]
+    pub booking_ref: String,
+    #[diesel(sql_type = Text)]
+    pub user_ref: String,
+    #[diesel(embed)]
+    pub record: StoredRecord,
+    #[diesel(sql_type = Timestamptz)]
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl ParkedCancellation {
+    pub fn source(&self) -> Source<'_> {
+        self.record.source()
     }
 }
 
@@ -384,12 +397,15 @@ pub fn take_parked_cancellations(
     .bind::<Array<Text>, _>(booking_refs)
     .load(conn)?;
     rows.sort_by(|a, b| {
-        (a.parked_at, &a.topic, a.kafka_partition, a.kafka_offset).cmp(&(
-            b.parked_at,
-            &b.topic,
-            b.kafka_partition,
-            b.kafka_offset,
-        ))
+        let key = |p: &ParkedCancellation| {
+            (
+                p.parked_at,
+                p.record.topic.clone(),
+                p.record.kafka_partition,
+                p.record.kafka_offset,
+            )
+        };
+        key(a).cmp(&key(b))
     });
     Ok(rows)
 }
@@ -482,18 +498,8 @@ pub fn dead_lettered(
 pub struct StoredDeadLetter {
     #[diesel(sql_type = BigInt)]
     pub id: i64,
-    #[diesel(sql_type = Text)]
-    pub topic: String,
-    #[diesel(sql_type = Integer)]
-    pub kafka_partition: i32,
-    #[diesel(sql_type = BigInt)]
-    pub kafka_offset: i64,
-    #[diesel(sql_type = Nullable<Bytea>)]
-    pub record_key: Option<Vec<u8>>,
-    #[diesel(sql_type = Bytea)]
-    pub payload: Vec<u8>,
-    #[diesel(sql_type = Nullable<Text>)]
-    pub baggage: Option<String>,
+    #[diesel(embed)]
+    pub record: StoredRecord,
     #[diesel(sql_type = Nullable<Text>)]
     pub booking_id: Option<String>,
     #[diesel(sql_type = Text)]

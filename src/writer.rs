@@ -306,11 +306,11 @@ impl Writer {
 /// The log scope of a parked cancellation: the record it came from.
 pub fn parked_scope(parked: &ParkedCancellation) -> EventScope {
     EventScope {
-        topic: parked.topic.clone(),
-        partition: parked.kafka_partition,
-        offset: parked.kafka_offset,
+        topic: parked.record.topic.clone(),
+        partition: parked.record.kafka_partition,
+        offset: parked.record.kafka_offset,
         booking_id: Some(parked.booking_ref.clone()),
-        baggage: parked.baggage.clone(),
+        baggage: parked.record.baggage.clone(),
     }
 }
 
