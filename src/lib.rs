@@ -228,7 +228,7 @@ fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
             metrics.record_expired(expired.len());
             for p in &expired {
                 logger::with_event(writer::parked_scope(p), || {
-                    log::warn!(end = "dead_lettered", reason = "cancellation_expired";
+                    log::warn!(outcome = "dead_lettered", reason = "cancellation_expired";
                         "parked cancellation expired; dead-lettered")
                 });
             }

@@ -267,11 +267,11 @@ impl Writer {
             let seconds = work.meta().received_at.elapsed().as_secs_f64();
             self.metrics
                 .record_end(&work.meta().tp.topic, work.event().map(Event::kind), outcome, seconds);
-            logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0, false));
+            logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0));
         }
         for (parked, outcome) in &result.released {
             self.metrics.record_released(outcome);
-            logger::with_event(parked_scope(parked), || log_outcome(outcome, 0.0, true));
+            logger::with_event(parked_scope(parked), || log_released(outcome));
         }
     }
 
@@ -314,14 +314,12 @@ pub fn parked_scope(parked: &ParkedCancellation) -> EventScope {
     }
 }
 
-fn log_outcome(outcome: &Outcome, latency_ms: f64, released: bool) {
+/// The one `end` line of a consumed record.
+fn log_outcome(outcome: &Outcome, latency_ms: f64) {
     let end = outcome.as_str();
     match outcome {
         Outcome::Created { id } => log::info!(end, row_id = id, latency_ms; "booking created"),
         Outcome::Duplicate => log::info!(end, latency_ms; "booking already exists; duplicate ignored"),
-        Outcome::Cancelled { id } if released => {
-            log::info!(end, row_id = id; "parked cancellation applied to its booking")
-        }
         Outcome::Cancelled { id } => log::info!(end, row_id = id, latency_ms; "booking cancelled"),
         Outcome::AlreadyCancelled { id } => {
             log::warn!(end, row_id = id, latency_ms; "booking already cancelled; nothing changed")
@@ -333,5 +331,19 @@ fn log_outcome(outcome: &Outcome, latency_ms: f64, released: bool) {
         Outcome::DeadLettered(r) => {
             log::warn!(end, reason = r.reason.as_str(), error = r.error.as_str(), latency_ms; "record dead-lettered")
         }
+    }
+}
+
+/// What became of a parked cancellation when its booking arrived. Its record's `end` (parked) was
+/// logged when it was consumed, so this line says `outcome`, not `end`.
+fn log_released(outcome: &Outcome) {
+    let outcome_name = outcome.as_str();
+    match outcome {
+        Outcome::Cancelled { id } => {
+            log::info!(outcome = outcome_name, row_id = id; "parked cancellation applied to its booking")
+        }
+        Outcome::DeadLettered(r) => log::warn!(outcome = outcome_name, reason = r.reason.as_str(),
+            error = r.error.as_str(); "parked cancellation dead-lettered"),
+        other => log::warn!(outcome = other.as_str(); "parked cancellation released; nothing changed"),
     }
 }

@@ -503,3 +503,34 @@ fn a_bad_environment_variable_is_refused_with_its_name_and_exit_code_2() {
         assert!(text.contains(name), "--help mentions {name}");
     }
 }
+
+#[test]
+fn a_parked_cancellation_has_one_end_line_and_one_outcome_line() {
+    let Some(s) = Setup::new("oneend") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    s.cancel("first_cancel", "owner");
+    s.producer.flush();
+    let worker = s.start("oneend");
+    wait_for("the parked cancellation", WAIT, || s.db.parked() == ["first_cancel"]);
+    s.book("first_cancel", "owner", "room_1");
+    s.producer.flush();
+    s.wait_status("first_cancel", "Cancelled");
+    wait_for("the released line", WAIT, || {
+        worker.logged("parked cancellation applied")
+    });
+    assert_eq!(
+        total_ends(&worker),
+        2,
+        "one end per consumed record: parked, then created"
+    );
+    assert_eq!((ends(&worker, "parked"), ends(&worker, "created")), (1, 1));
+    let released: Vec<_> = worker
+        .json_lines()
+        .into_iter()
+        .filter(|l| l["outcome"] == "cancelled")
+        .collect();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0]["booking_id"], "first_cancel");
+    assert_eq!(worker.terminate(WAIT), 0);
+}
