@@ -5,6 +5,7 @@
 //! handler and maps the result to an exit code. Tests drive [`run`] with a [`Shutdown`] they
 //! control.
 
+pub mod allocator;
 pub mod baggage;
 pub mod commands;
 pub mod config;
@@ -129,6 +130,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let worker = match kafka::Worker::start(&config.kafka, dispatcher, links) {
         Ok(worker) => worker,
         Err(e) => {
+            // The housekeeping thread runs until shutdown: trigger it before joining.
+            shutdown.trigger();
             writers.join();
             join_named(housekeeping);
             stop_http(&shutdown);

@@ -534,3 +534,24 @@ fn a_parked_cancellation_has_one_end_line_and_one_outcome_line() {
     assert_eq!(released[0]["booking_id"], "first_cancel");
     assert_eq!(worker.terminate(WAIT), 0);
 }
+
+#[test]
+fn a_kafka_client_that_cannot_be_created_stops_the_worker_at_once_with_exit_code_4() {
+    let Some(s) = Setup::new("badclient") else { return };
+    // librdkafka refuses a fetch response cap below its message size cap.
+    let mut worker = s.start_with("badclient", &[("KAFKA_FETCH_MAX_BYTES", "65536")]);
+    assert_eq!(
+        worker.wait(Duration::from_secs(20)),
+        4,
+        "the worker must not wait for a signal"
+    );
+    let failed = worker
+        .json_lines()
+        .into_iter()
+        .find(|l| l["msg"] == "booking-worker failed")
+        .expect("a line saying why the worker stopped");
+    assert!(
+        failed["error"].as_str().unwrap().contains("fetch.max.bytes"),
+        "{failed}"
+    );
+}
