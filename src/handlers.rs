@@ -145,21 +145,13 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
                 start_date: b.start_date,
                 end_date: b.end_date,
                 payment_id: &b.payment_id,
+                cancelled: false,
             },
         ));
     }
-    let rows: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
-    let created = repository::create_bookings(conn, &rows)?;
-    for (i, nb) in &new_bookings {
-        outcomes[*i] = Some(match created.get(nb.external_id) {
-            Some(&id) => Outcome::Created { id },
-            None => Outcome::Duplicate,
-        });
-    }
-
-    // Cancellations parked for the bookings just created are applied now, before this batch's.
-    let created_refs: Vec<&str> = created.keys().map(String::as_str).collect();
-    let released = repository::take_parked_cancellations(conn, &created_refs)?;
+    // Cancellations parked for this batch's bookings are decided now, before this batch's own.
+    let new_refs: Vec<&str> = new_bookings.iter().map(|(_, nb)| nb.external_id).collect();
+    let released = repository::take_parked_cancellations(conn, &new_refs)?;
     let missing_users = distinct(
         released
             .iter()
@@ -182,8 +174,34 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
             origin: Origin::Batch(i),
         }))
         .collect();
+
+    // A booking that one of these cancellations will cancel is inserted as Cancelled, which saves
+    // updating the row it has just written (the usual case when a backlog of cancellations ran
+    // ahead of its bookings and was parked).
+    let mut rows: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
+    let born_cancelled = cancelled_on_insert(&rows, &requests, &users);
+    for nb in &mut rows {
+        nb.cancelled = born_cancelled.contains(nb.external_id);
+    }
+    let created = repository::create_bookings(conn, &rows)?;
+    for (i, nb) in &new_bookings {
+        outcomes[*i] = Some(match created.get(nb.external_id) {
+            Some(&id) => Outcome::Created { id },
+            None => Outcome::Duplicate,
+        });
+    }
+    // The rows written as Cancelled, by id. The decisions below see them as the Accepted rows they
+    // were a moment ago, so that every outcome is the one an insert and an update would give.
+    let written_cancelled: HashSet<i32> = born_cancelled.iter().filter_map(|x| created.get(*x).copied()).collect();
+
     let refs: Vec<&str> = requests.iter().map(|r| r.booking_ref).collect();
-    let mut targets = Targets::new(repository::find_bookings_for_cancel(conn, &refs)?);
+    let mut rows = repository::find_bookings_for_cancel(conn, &refs)?;
+    for row in &mut rows {
+        if written_cancelled.contains(&row.id) {
+            row.status = ACCEPTED.to_string();
+        }
+    }
+    let mut targets = Targets::new(rows);
 
     let mut to_cancel = Vec::new();
     let mut parkings: Vec<(Origin, Parking<'_>)> = Vec::new();
@@ -210,6 +228,16 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
             Origin::Released(j) => released_outcomes[j] = Some(outcome),
         }
     }
+    let decided_on_insert = to_cancel.iter().filter(|id| written_cancelled.contains(id)).count();
+    if decided_on_insert != written_cancelled.len() {
+        // Cannot happen: every booking written as Cancelled is cancelled by a request above. Were it
+        // to, the transaction is rolled back rather than committing a status nobody decided.
+        return Err(DbError::Permanent(format!(
+            "{} bookings were written as Cancelled but only {decided_on_insert} were cancelled",
+            written_cancelled.len()
+        )));
+    }
+    to_cancel.retain(|id| !written_cancelled.contains(id));
     repository::cancel_bookings(conn, &to_cancel)?;
 
     // A cancellation replayed after it expired into a dead letter stays a dead letter.
@@ -289,6 +317,38 @@ fn dead(reason: Reason, error: impl Into<String>) -> Outcome {
     Outcome::DeadLettered(Rejection::new(reason, error))
 }
 
+const ACCEPTED: &str = "Accepted";
+const CANCELLED: &str = "Cancelled";
+
+/// The external ids of the new bookings that `requests`, decided in order, cancel: each is
+/// decided against the booking as it is created (Accepted, owned by its user), by the same rules as
+/// a booking that exists.
+fn cancelled_on_insert<'a>(
+    new: &[NewBooking<'a>],
+    requests: &[CancelRequest<'_>],
+    users: &HashMap<String, i32>,
+) -> HashSet<&'a str> {
+    let mut rows = Targets::new(
+        new.iter()
+            .enumerate()
+            .map(|(i, nb)| BookingRow {
+                // Not a row id yet: negative, so no all-digit reference can name it.
+                id: -1 - i as i32,
+                external_id: Some(nb.external_id.to_string()),
+                user_id: nb.user_id,
+                status: ACCEPTED.to_string(),
+            })
+            .collect(),
+    );
+    let mut cancelled = Vec::new();
+    for request in requests {
+        if let Some(row) = rows.find(request.booking_ref) {
+            decide_cancel(row, users.get(request.user_ref).copied(), request, &mut cancelled);
+        }
+    }
+    cancelled.iter().map(|id| new[(-1 - id) as usize].external_id).collect()
+}
+
 /// The rules of cancellation, for a booking that exists.
 fn decide_cancel(
     row: &mut BookingRow,
@@ -312,12 +372,12 @@ fn decide_cancel(
         );
     }
     match row.status.as_str() {
-        "Accepted" => {
-            row.status = "Cancelled".to_string();
+        ACCEPTED => {
+            row.status = CANCELLED.to_string();
             to_cancel.push(row.id);
             Outcome::Cancelled { id: row.id }
         }
-        "Cancelled" => Outcome::AlreadyCancelled { id: row.id },
+        CANCELLED => Outcome::AlreadyCancelled { id: row.id },
         other => dead(
             Reason::NotCancellable,
             format!(
@@ -394,5 +454,78 @@ pub fn expire_parked(conn: &mut PgConnection, ttl: Duration) -> Result<Vec<Parke
         if !full {
             return Ok(expired);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::NaiveDate;
+
+    fn booking<'a>(external_id: &'a str, user_id: i32) -> NewBooking<'a> {
+        let day = |d| NaiveDate::from_ymd_opt(2026, 3, d).unwrap();
+        NewBooking {
+            external_id,
+            user_id,
+            room_id: 1,
+            guests: 2,
+            start_date: day(1),
+            end_date: day(4),
+            payment_id: "pay",
+            cancelled: false,
+        }
+    }
+
+    fn request<'a>(booking_ref: &'a str, user_ref: &'a str) -> CancelRequest<'a> {
+        CancelRequest {
+            booking_ref,
+            user_ref,
+            origin: Origin::Batch(0),
+        }
+    }
+
+    fn users() -> HashMap<String, i32> {
+        [("alice".to_string(), 1), ("bob".to_string(), 2)].into()
+    }
+
+    fn decided(new: &[NewBooking<'_>], requests: &[CancelRequest<'_>]) -> Vec<String> {
+        let mut ids: Vec<String> = cancelled_on_insert(new, requests, &users())
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn only_a_booking_its_owner_cancels_is_written_as_cancelled() {
+        let new = [booking("b-1", 1), booking("b-2", 2), booking("b-3", 1)];
+        let requests = [
+            request("b-1", "alice"),
+            request("b-2", "alice"),  // not the owner
+            request("b-3", "nobody"), // unknown user
+            request("b-9", "alice"),  // not a booking of this batch
+            request("b-1", "alice"),  // already cancelled
+        ];
+        assert_eq!(decided(&new, &requests), ["b-1"]);
+    }
+
+    #[test]
+    fn a_refused_cancellation_does_not_stop_a_later_one_by_the_owner() {
+        let new = [booking("b-1", 2)];
+        assert_eq!(
+            decided(&new, &[request("b-1", "alice"), request("b-1", "bob")]),
+            ["b-1"]
+        );
+        assert!(decided(&new, &[]).is_empty());
+    }
+
+    #[test]
+    fn an_all_digit_reference_never_names_a_booking_not_yet_written() {
+        // The placeholder ids of unwritten rows are negative; "1" is a row id, not one of them.
+        let new = [booking("b-1", 1)];
+        assert!(decided(&new, &[request("1", "alice"), request("0", "alice")]).is_empty());
+        let numeric = [booking("42", 1)];
+        assert_eq!(decided(&numeric, &[request("42", "alice")]), ["42"]);
     }
 }

@@ -10,7 +10,7 @@ use crate::database::DbError;
 use chrono::NaiveDate;
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
-use diesel::sql_types::{Array, BigInt, Bytea, Date, Integer, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Date, Integer, Nullable, Text, Timestamptz};
 use diesel::{Connection, QueryableByName, RunQueryDsl};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -158,6 +158,9 @@ pub struct NewBooking<'a> {
     pub start_date: NaiveDate,
     pub end_date: NaiveDate,
     pub payment_id: &'a str,
+    /// Written as Cancelled rather than Accepted: a cancellation in the same transaction, decided
+    /// by the cancellation rules, cancels it.
+    pub cancelled: bool,
 }
 
 #[derive(QueryableByName)]
@@ -168,8 +171,9 @@ struct Created {
     id: i32,
 }
 
-/// Creates bookings with status Accepted. A booking whose external id already exists is left as it
-/// is. Returns the `bookings.id` of each booking actually created, by external id.
+/// Creates bookings with status Accepted, or Cancelled for those marked so. A booking whose external
+/// id already exists is left as it is. Returns the `bookings.id` of each booking actually created, by
+/// external id.
 pub fn create_bookings(conn: &mut PgConnection, bookings: &[NewBooking<'_>]) -> Result<HashMap<String, i32>, DbError> {
     if bookings.is_empty() {
         return Ok(HashMap::new());
@@ -178,9 +182,9 @@ pub fn create_bookings(conn: &mut PgConnection, bookings: &[NewBooking<'_>]) -> 
         "INSERT INTO bookings
              (user_id, room_id, number_of_guests, start_date, end_date, payment_id, status,
               external_id, created_at, updated_at)
-         SELECT u, r, g, s, e, p, 'Accepted', x, now(), now()
+         SELECT u, r, g, s, e, p, CASE WHEN c THEN 'Cancelled' ELSE 'Accepted' END, x, now(), now()
            FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::date[], $5::date[],
-                       $6::text[], $7::text[]) AS t(u, r, g, s, e, p, x)
+                       $6::text[], $7::text[], $8::boolean[]) AS t(u, r, g, s, e, p, x, c)
          ON CONFLICT (external_id) DO NOTHING
          RETURNING external_id, id",
     )
@@ -191,6 +195,7 @@ pub fn create_bookings(conn: &mut PgConnection, bookings: &[NewBooking<'_>]) -> 
     .bind::<Array<Date>, _>(bookings.iter().map(|b| b.end_date).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(bookings.iter().map(|b| b.payment_id).collect::<Vec<_>>())
     .bind::<Array<Text>, _>(bookings.iter().map(|b| b.external_id).collect::<Vec<_>>())
+    .bind::<Array<Bool>, _>(bookings.iter().map(|b| b.cancelled).collect::<Vec<_>>())
     .load(conn)?;
     Ok(rows.into_iter().map(|r| (r.external_id, r.id)).collect())
 }
