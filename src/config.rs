@@ -205,8 +205,8 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "KAFKA_MAX_PARTITION_FETCH_BYTES",
-        default: "262144",
-        help: "largest fetch per partition, bytes",
+        default: "65536",
+        help: "largest fetch per partition, bytes (a larger record batch still comes whole)",
     },
     Variable {
         name: "KAFKA_FETCH_MAX_BYTES",
@@ -215,8 +215,13 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "KAFKA_FETCH_QUEUE_BACKOFF_MS",
-        default: "20",
-        help: "pause before refetching a full partition queue, ms",
+        default: "5",
+        help: "pause before looking again at a partition queue that still holds records, ms",
+    },
+    Variable {
+        name: "KAFKA_FETCH_WAIT_MAX_MS",
+        default: "100",
+        help: "longest the broker holds a fetch that has no new records, ms",
     },
     Variable {
         name: "KAFKA_PROP_<NAME>",
@@ -311,9 +316,10 @@ impl Config {
         let env = Env { vars };
         let writers = env.number("WRITER_THREADS", 2usize, 1, 256)?;
         let fetch_max_bytes = env.number("KAFKA_FETCH_MAX_BYTES", 1024 * 1024u64, 1024, 1 << 30)?;
-        let partition_fetch_bytes = env.number("KAFKA_MAX_PARTITION_FETCH_BYTES", 256 * 1024u64, 1024, 1 << 30)?;
+        let partition_fetch_bytes = env.number("KAFKA_MAX_PARTITION_FETCH_BYTES", 64 * 1024u64, 1024, 1 << 30)?;
         let queued_kbytes = env.number("KAFKA_QUEUED_MAX_KBYTES", 256u64, 1, 2_097_151)?;
-        let queue_backoff_ms = env.number("KAFKA_FETCH_QUEUE_BACKOFF_MS", 20u64, 0, 300_000)?;
+        let queue_backoff_ms = env.number("KAFKA_FETCH_QUEUE_BACKOFF_MS", 5u64, 0, 300_000)?;
+        let fetch_wait_ms = env.number("KAFKA_FETCH_WAIT_MAX_MS", 100u64, 0, 300_000)?;
         let stats_ms = env.number("KAFKA_STATS_INTERVAL_MS", 5000u64, 0, 86_400_000)?;
 
         let database = DatabaseConfig {
@@ -339,10 +345,17 @@ impl Config {
 
         let mut properties: Vec<(String, String)> = vec![
             ("queued.max.messages.kbytes".into(), queued_kbytes.to_string()),
-            ("queued.min.messages".into(), "1000".into()),
+            // A partition is fetched again only once its queue is empty: a fetched record batch
+            // stays in memory, decompressed, until its last record is taken, so one batch per
+            // partition is what the worker holds. The writers' channels cover the refetch.
+            ("queued.min.messages".into(), "1".into()),
             ("fetch.max.bytes".into(), fetch_max_bytes.to_string()),
             ("max.partition.fetch.bytes".into(), partition_fetch_bytes.to_string()),
             ("fetch.queue.backoff.ms".into(), queue_backoff_ms.to_string()),
+            // One fetch request per broker is in flight at a time, and the broker holds it this
+            // long when none of its partitions has new records: with librdkafka's 500 ms, a caught-up
+            // partition stalls the others at every refetch.
+            ("fetch.wait.max.ms".into(), fetch_wait_ms.to_string()),
             (
                 "receive.message.max.bytes".into(),
                 receive_message_max_bytes(fetch_max_bytes, partition_fetch_bytes).to_string(),
@@ -587,8 +600,10 @@ mod tests {
         assert_eq!(get("security.protocol"), ["sasl_ssl"]);
         assert_eq!(get("queued.max.messages.kbytes"), ["2048"]);
         assert_eq!(get("fetch.max.bytes"), ["1048576"]);
-        assert_eq!(get("max.partition.fetch.bytes"), ["262144"]);
-        assert_eq!(get("fetch.queue.backoff.ms"), ["20"]);
+        assert_eq!(get("max.partition.fetch.bytes"), ["65536"]);
+        assert_eq!(get("fetch.queue.backoff.ms"), ["5"]);
+        assert_eq!(get("fetch.wait.max.ms"), ["100"]);
+        assert_eq!(get("queued.min.messages"), ["1"]);
     }
 
     /// Regression: with `receive.message.max.bytes` at fetch size + 1 MiB (3 MiB), a batch holding

@@ -368,6 +368,9 @@ impl PartitionReader {
                     error = e.to_string(); "partition consume error"),
                 Some(Ok(message)) => {
                     let work = to_work(&message, self.kind, &self.tp, self.max_payload_bytes);
+                    // The message pins its whole decompressed record batch inside librdkafka;
+                    // release it before waiting for room in a writer's channel.
+                    drop(message);
                     if !self.dispatcher.dispatch(work, &stopped) {
                         break;
                     }

@@ -95,6 +95,7 @@ fn environment_help() -> String {
 }
 
 fn main() -> ExitCode {
+    booking_worker::allocator::use_one_arena();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let level = match config::log_level_from_env() {
