@@ -71,6 +71,8 @@ def watch(pid, addr, until):
     started = time.monotonic()
     first = None
     last_count, last_change = -1, time.monotonic()
+    # Progress: one line updated in place on a terminal, a line every 10 s in a log.
+    tty, last_report = sys.stderr.isatty(), time.monotonic()
     depths = []
     while True:
         time.sleep(0.05)
@@ -88,7 +90,11 @@ def watch(pid, addr, until):
             first = now
         if count != last_count:
             last_count, last_change = count, now
-            print(f"[bench] {int(count)} / {until} records", file=sys.stderr, end="\r")
+            if tty:
+                print(f"[bench] {int(count)} / {until} records", file=sys.stderr, end="\r")
+            elif now - last_report >= 10:
+                last_report = now
+                print(f"[bench] {int(count)} / {until} records", file=sys.stderr)
         if count >= until:
             break
         if now - last_change > 120:
