@@ -5,7 +5,7 @@
 //! `topic`, `partition`, `offset`, `booking_id` and `baggage` from a thread-local scope.
 
 use log::kv::{Key, Value as KvValue, VisitSource};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::cell::RefCell;
 use std::io::Write;
 
@@ -21,6 +21,38 @@ pub struct EventScope {
 
 thread_local! {
     static CURRENT: RefCell<Option<EventScope>> = const { RefCell::new(None) };
+    /// Lines held back by [`in_one_write`].
+    static HELD: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Where the lines go: stderr (true) or stdout, as chosen by [`init`].
+static TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs `f` with the lines this thread logs held back, then writes them all at once: a writer logs
+/// one line per record of a committed batch, and one write per batch costs far less than one per
+/// line. The lines are written even if `f` panics.
+pub fn in_one_write<R>(f: impl FnOnce() -> R) -> R {
+    if HELD.with(|h| h.borrow().is_some()) {
+        return f();
+    }
+    HELD.with(|h| *h.borrow_mut() = Some(Vec::new()));
+    struct Flush;
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            let lines = HELD.with(|h| h.borrow_mut().take()).unwrap_or_default();
+            if lines.is_empty() {
+                return;
+            }
+            let _ = if TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+                std::io::stderr().lock().write_all(&lines)
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&lines).and_then(|()| out.flush())
+            };
+        }
+    }
+    let _flush = Flush;
+    f()
 }
 
 /// Runs `f` with `scope` as this thread's current event, so every line it logs carries it.
@@ -40,6 +72,7 @@ pub fn with_event<R>(scope: EventScope, f: impl FnOnce() -> R) -> R {
 /// Installs the JSON logger, on stdout or (for commands whose stdout is data) stderr. `RUST_LOG`
 /// wins when set; otherwise `default_level` applies to everything.
 pub fn init(default_level: &str, to_stderr: bool) {
+    TO_STDERR.store(to_stderr, std::sync::atomic::Ordering::Relaxed);
     let mut builder = env_logger::Builder::new();
     match std::env::var("RUST_LOG") {
         Ok(filters) if !filters.trim().is_empty() => builder.parse_filters(&filters),
@@ -52,47 +85,93 @@ pub fn init(default_level: &str, to_stderr: bool) {
             env_logger::Target::Stdout
         })
         .format(|buf, record| {
-            let line = render(record);
-            buf.write_all(line.as_bytes())?;
-            buf.write_all(b"\n")
+            let mut line = render(record);
+            line.push('\n');
+            let held = HELD.with(|h| match h.borrow_mut().as_mut() {
+                Some(lines) => {
+                    lines.extend_from_slice(line.as_bytes());
+                    true
+                }
+                None => false,
+            });
+            if held {
+                return Ok(());
+            }
+            buf.write_all(line.as_bytes())
         })
         .try_init()
         .ok();
 }
 
-/// One log record as its JSON line (without the newline).
+/// One log record as its JSON line (without the newline): `time`, `level`, `msg`, `target` (for
+/// warnings, errors and librdkafka), the event scope, then the call site's fields, which win over
+/// any of the others with the same name.
 pub fn render(record: &log::Record<'_>) -> String {
-    let mut object = Map::new();
-    object.insert(
-        "time".into(),
-        Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+    let mut fields = Fields(Vec::new());
+    let _ = record.key_values().visit(&mut fields);
+    let mut line = Line {
+        out: Vec::with_capacity(256),
+        fields: &fields.0,
+    };
+    line.put(
+        "time",
+        &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     );
-    object.insert("level".into(), Value::String(record.level().as_str().to_string()));
-    object.insert("msg".into(), Value::String(record.args().to_string()));
+    line.put("level", record.level().as_str());
+    match record.args().as_str() {
+        Some(msg) => line.put("msg", msg),
+        None => line.put("msg", &record.args().to_string()),
+    }
     if record.level() <= log::Level::Warn || record.target().starts_with("librdkafka") {
-        object.insert("target".into(), Value::String(record.target().to_string()));
+        line.put("target", record.target());
     }
     CURRENT.with(|c| {
         if let Some(scope) = c.borrow().as_ref() {
-            object.insert("topic".into(), Value::String(scope.topic.clone()));
-            object.insert("partition".into(), scope.partition.into());
-            object.insert("offset".into(), scope.offset.into());
+            line.put("topic", &scope.topic);
+            line.put("partition", &scope.partition);
+            line.put("offset", &scope.offset);
             if let Some(id) = &scope.booking_id {
-                object.insert("booking_id".into(), Value::String(id.clone()));
+                line.put("booking_id", id);
             }
             if let Some(baggage) = &scope.baggage {
-                object.insert("baggage".into(), Value::String(baggage.clone()));
+                line.put("baggage", baggage);
             }
         }
     });
-    let mut fields = Fields(&mut object);
-    let _ = record.key_values().visit(&mut fields);
-    Value::Object(object).to_string()
+    for (key, value) in &fields.0 {
+        line.write(key, value);
+    }
+    line.out.push(b'}');
+    String::from_utf8(line.out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-struct Fields<'a>(&'a mut Map<String, Value>);
+/// A JSON object being written, one field after another.
+struct Line<'a> {
+    out: Vec<u8>,
+    /// The call site's fields: a standard or scope field of the same name is left out.
+    fields: &'a [(String, Value)],
+}
 
-impl<'kvs> VisitSource<'kvs> for Fields<'_> {
+impl Line<'_> {
+    fn put(&mut self, key: &str, value: &(impl serde::Serialize + ?Sized)) {
+        if !self.fields.iter().any(|(k, _)| k == key) {
+            self.write(key, value);
+        }
+    }
+
+    fn write(&mut self, key: &str, value: &(impl serde::Serialize + ?Sized)) {
+        self.out.push(if self.out.is_empty() { b'{' } else { b',' });
+        // Strings, numbers and JSON values always serialize.
+        let _ = serde_json::to_writer(&mut self.out, key);
+        self.out.push(b':');
+        let _ = serde_json::to_writer(&mut self.out, value);
+    }
+}
+
+/// The call site's fields, each name once (the last value given wins).
+struct Fields(Vec<(String, Value)>);
+
+impl<'kvs> VisitSource<'kvs> for Fields {
     fn visit_pair(&mut self, key: Key<'kvs>, value: KvValue<'kvs>) -> Result<(), log::kv::Error> {
         let json = if let Some(b) = value.to_bool() {
             Value::Bool(b)
@@ -105,7 +184,10 @@ impl<'kvs> VisitSource<'kvs> for Fields<'_> {
         } else {
             Value::String(value.to_string())
         };
-        self.0.insert(key.as_str().to_string(), json);
+        match self.0.iter_mut().find(|(k, _)| k == key.as_str()) {
+            Some(slot) => slot.1 = json,
+            None => self.0.push((key.as_str().to_string(), json)),
+        }
         Ok(())
     }
 }
@@ -142,6 +224,32 @@ mod tests {
         );
         assert!(v.get("baggage").is_none());
         assert!(v.get("target").is_none());
+    }
+
+    #[test]
+    fn a_call_site_field_wins_over_a_standard_one_and_no_name_appears_twice() {
+        let kvs: [(&str, KvValue<'_>); 3] = [
+            ("topic", KvValue::from("given")),
+            ("n", KvValue::from(1u64)),
+            ("n", KvValue::from(2u64)),
+        ];
+        let record = log::Record::builder()
+            .level(log::Level::Info)
+            .target("booking_worker::kafka")
+            .args(format_args!("m"))
+            .key_values(&kvs)
+            .build();
+        let scope = EventScope {
+            topic: "booking-events".into(),
+            ..EventScope::default()
+        };
+        let text = with_event(scope, || render(&record));
+        assert_eq!(text.matches("\"topic\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"n\"").count(), 1, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["topic"], "given");
+        assert_eq!(v["n"], 2);
+        assert!(text.starts_with("{\"time\":"), "{text}");
     }
 
     #[test]

@@ -263,16 +263,18 @@ impl Writer {
 
     /// Logs and counts the end of every record of a committed batch.
     fn log_result(&self, batch: &[Work], result: &BatchResult) {
-        for (work, outcome) in batch.iter().zip(&result.outcomes) {
-            let seconds = work.meta().received_at.elapsed().as_secs_f64();
-            self.metrics
-                .record_end(&work.meta().tp.topic, work.event().map(Event::kind), outcome, seconds);
-            logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0));
-        }
-        for (parked, outcome) in &result.released {
-            self.metrics.record_released(outcome);
-            logger::with_event(parked_scope(parked), || log_released(outcome));
-        }
+        logger::in_one_write(|| {
+            for (work, outcome) in batch.iter().zip(&result.outcomes) {
+                let seconds = work.meta().received_at.elapsed().as_secs_f64();
+                self.metrics
+                    .record_end(&work.meta().tp.topic, work.event().map(Event::kind), outcome, seconds);
+                logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0));
+            }
+            for (parked, outcome) in &result.released {
+                self.metrics.record_released(outcome);
+                logger::with_event(parked_scope(parked), || log_released(outcome));
+            }
+        })
     }
 
     /// Applies a batch, retrying transient failures with capped backoff for as long as they last.
