@@ -94,9 +94,11 @@ METRICS_PORT="$(free_port "${KAFKA_PORT:-}" "${KAFKA_CONTROLLER_PORT:-}" "$DB_PO
 measure_worker() {
     local db="$1" group="$2" limit="$3"
     shift 3
+    # The worker logs as configured (one line per record at the default level) into a file, as
+    # journald or a container runtime would take it.
     env "$@" DB_NAME="$db" KAFKA_GROUP_ID="$group" KAFKA_BOOKING_TOPIC="$BOOKINGS_TOPIC" \
         KAFKA_CANCELLATION_TOPIC="$CANCELS_TOPIC" METRICS_ADDR="127.0.0.1:$METRICS_PORT" \
-        LOG_LEVEL=warn STATS_LOG_INTERVAL_SECS=0 ./target/release/booking-worker run >"$SESSION_DIR/worker-$group.log" 2>&1 &
+        ./target/release/booking-worker run >"$SESSION_DIR/worker-$group.log" 2>&1 &
     WORKER_PID=$!
     python3 "$SCRIPT_DIR/bench_measure.py" --pid "$WORKER_PID" --metrics "127.0.0.1:$METRICS_PORT" --until "$limit"
     kill -TERM "$WORKER_PID"
