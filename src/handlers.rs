@@ -346,7 +346,11 @@ fn cancelled_on_insert<'a>(
             decide_cancel(row, users.get(request.user_ref).copied(), request, &mut cancelled);
         }
     }
-    cancelled.iter().map(|id| new[(-1 - id) as usize].external_id).collect()
+    cancelled
+        .iter()
+        .filter_map(|id| new.get((-1 - id) as usize))
+        .map(|nb| nb.external_id)
+        .collect()
 }
 
 /// The rules of cancellation, for a booking that exists.
