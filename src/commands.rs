@@ -2,13 +2,13 @@
 //! `dead-letters replay` and `healthcheck`. Each returns an [`ExitStatus`]; only `main` exits.
 
 use crate::config::Config;
-use crate::database::{self, DbError};
+use crate::database::{DbError, Pool};
 use crate::handlers::{self, Outcome};
 use crate::http;
 use crate::kafka::TopicTable;
 use crate::models::Reason;
 use crate::offsets::TopicPartition;
-use crate::repository::{self, StoredDeadLetter};
+use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
 use crate::writer::{RecordMeta, Work};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -23,6 +23,7 @@ pub enum ExitStatus {
     Kafka = 4,
     TopicsMissing = 5,
     StillFailing = 6,
+    MigrationRefused = 7,
 }
 
 /// `check`: the configuration is valid (it was parsed), the database answers and has
@@ -30,10 +31,9 @@ pub enum ExitStatus {
 /// and returns the first failure.
 pub fn check(config: &Config) -> ExitStatus {
     log::info!(check = "config"; "configuration is valid");
-    let db = database::pool(&config.database)
-        .get_timeout(config.database.connect_timeout)
-        .map_err(DbError::from)
-        .and_then(|mut c| repository::missing_shared_tables(&mut c));
+    let db = Pool::new(&config.database)
+        .and_then(|pool| pool.get())
+        .and_then(|mut c| repository::missing_shared_tables(c.client()));
     let mut status = ExitStatus::Ok;
     match db {
         Ok(missing) if missing.is_empty() => {
@@ -89,18 +89,26 @@ pub fn check(config: &Config) -> ExitStatus {
     status
 }
 
-/// `migrate`: applies the worker's own migrations.
+/// `migrate`: applies the worker's own migrations, online (see the README's "Migrations").
 pub fn migrate(config: &Config) -> ExitStatus {
-    let result = database::pool(&config.database)
-        .get_timeout(config.database.connect_timeout)
-        .map_err(DbError::from)
-        .and_then(|mut conn| repository::migrate(&mut conn));
+    let result = Pool::new(&config.database)
+        .and_then(|pool| pool.get())
+        .map_err(MigrateError::Database)
+        .and_then(|mut conn| {
+            conn.discard();
+            repository::migrate(conn.client(), config.database.migration_lock_timeout)
+        });
     match result {
         Ok(applied) => {
-            log::info!(applied = format!("{applied:?}"); "migrations applied");
+            log::info!(applied = applied.join(","); "migrations applied");
             ExitStatus::Ok
         }
-        Err(e) => {
+        Err(MigrateError::NotAllowed { pending, error }) => {
+            log::error!(pending = pending.join(","), error = error.to_string();
+                "this role may not change the schema: run `booking-worker migrate` as the owner of booking-management's tables");
+            ExitStatus::MigrationRefused
+        }
+        Err(MigrateError::Database(e)) => {
             log::error!(error = e.to_string(); "migration failed");
             ExitStatus::Database
         }
@@ -120,20 +128,20 @@ fn select(config: &Config, selection: &Selection) -> Result<Vec<StoredDeadLetter
     if let Some(reason) = &selection.reason {
         if Reason::parse(reason).is_none() {
             let codes: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
-            return Err(DbError::Permanent(format!(
-                "unknown reason {reason:?}; the reasons are {}",
-                codes.join(", ")
-            )));
+            return Err(DbError::systemic(
+                None,
+                format!("unknown reason {reason:?}; the reasons are {}", codes.join(", ")),
+            ));
         }
     }
-    let mut conn = database::pool(&config.database).get_timeout(config.database.connect_timeout)?;
-    repository::list_dead_letters(
-        &mut conn,
-        selection.id,
-        selection.reason.as_deref(),
-        selection.include_replayed,
-        selection.limit,
-    )
+    let mut conn = Pool::new(&config.database)?.get()?;
+    let filter = DeadLetterFilter {
+        id: selection.id,
+        reason: selection.reason.as_deref(),
+        include_replayed: selection.include_replayed,
+        limit: selection.limit,
+    };
+    repository::list_dead_letters(conn.client(), &filter)
 }
 
 /// `dead-letters list`: one JSON object per dead letter on stdout, newest first.
@@ -146,6 +154,7 @@ pub fn list_dead_letters(config: &Config, selection: &Selection, out: &mut dyn s
                     "created_at": row.created_at.to_rfc3339(),
                     "reason": row.reason,
                     "error": row.error,
+                    "sqlstate": row.sqlstate,
                     "topic": row.record.topic,
                     "partition": row.record.kafka_partition,
                     "offset": row.record.kafka_offset,
@@ -182,7 +191,13 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
         }
     };
     let table = TopicTable::from_config(&config.kafka);
-    let pool = database::pool(&config.database);
+    let pool = match Pool::new(&config.database) {
+        Ok(pool) => pool,
+        Err(e) => {
+            log::error!(error = e.to_string(); "database cannot be used");
+            return ExitStatus::Database;
+        }
+    };
     let (mut replayed, mut failing) = (0usize, 0usize);
     for row in rows.iter().filter(|r| r.replayed_at.is_none()) {
         let Some(kind) = table.kind(&row.record.topic) else {
@@ -203,21 +218,22 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
             Ok(event) => Work::Apply { meta, event },
             Err(rejection) => Work::Reject { meta, rejection },
         };
-        let result = pool
-            .get_timeout(config.database.connect_timeout)
-            .map_err(DbError::from)
-            .and_then(|mut conn| {
-                let result = handlers::apply_batch(&mut conn, std::slice::from_ref(&work))?;
-                let outcome = result.outcomes.into_iter().next();
-                match &outcome {
-                    Some(Outcome::DeadLettered(r)) => {
-                        repository::note_replay_failure(&mut conn, row.id, r.reason.as_str(), &r.error)?
-                    }
-                    Some(Outcome::AlreadyDeadLettered) | None => {}
-                    Some(_) => repository::mark_replayed(&mut conn, row.id)?,
-                }
-                Ok(outcome)
-            });
+        let result = pool.get().and_then(|mut conn| {
+            let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), &|_| Ok(()))?;
+            let outcome = result.outcomes.into_iter().next();
+            match &outcome {
+                Some(Outcome::DeadLettered(r)) => repository::note_replay_failure(
+                    conn.client(),
+                    row.id,
+                    r.reason.as_str(),
+                    &r.error,
+                    r.sqlstate.as_deref(),
+                )?,
+                Some(Outcome::AlreadyDeadLettered) | None => {}
+                Some(_) => repository::mark_replayed(conn.client(), row.id)?,
+            }
+            Ok(outcome)
+        });
         match result {
             Ok(Some(Outcome::DeadLettered(r))) => {
                 failing += 1;

@@ -1,7 +1,8 @@
 //! Worker configuration read from environment variables, with the Go worker's names and defaults.
 //!
-//! Parsing is pure: [`Config::from_lookup`] takes a lookup function, so tests feed it a map and
-//! production feeds it [`std::env::var`]. Every refused value names its variable and what it accepts.
+//! Parsing is pure: [`Config::from_vars`] takes `(name, value)` pairs, so tests feed it a list and
+//! production feeds it the process environment. Every refused value names its variable and what
+//! it accepts.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -32,6 +33,25 @@ pub struct DatabaseConfig {
     pub sslrootcert: Option<String>,
     pub pool_size: u32,
     pub connect_timeout: Duration,
+    /// `statement_timeout` of every session; zero turns it off.
+    pub statement_timeout: Duration,
+    /// `lock_timeout` of every session; zero turns it off.
+    pub lock_timeout: Duration,
+    /// `idle_in_transaction_session_timeout` of every session; zero turns it off.
+    pub idle_in_transaction_timeout: Duration,
+    /// Whether `run` applies pending migrations itself.
+    pub migrate: MigrateMode,
+    /// `lock_timeout` of each migration statement, which is retried when it runs out.
+    pub migration_lock_timeout: Duration,
+}
+
+/// `DB_MIGRATE`: whether `run` applies the worker's pending migrations itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateMode {
+    /// Apply them at start-up (the default).
+    Auto,
+    /// Only check: refuse to start while one is pending, naming it.
+    Off,
 }
 
 impl fmt::Debug for DatabaseConfig {
@@ -46,6 +66,11 @@ impl fmt::Debug for DatabaseConfig {
             .field("sslrootcert", &self.sslrootcert)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("idle_in_transaction_timeout", &self.idle_in_transaction_timeout)
+            .field("migrate", &self.migrate)
+            .field("migration_lock_timeout", &self.migration_lock_timeout)
             .finish()
     }
 }
@@ -105,6 +130,9 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     pub max_payload_bytes: usize,
     pub retry_max_backoff: Duration,
+    /// Consecutive records refused by the database after which the worker halts instead of
+    /// dead-lettering more; zero never halts for this.
+    pub reject_halt_after: u32,
     pub rebalance_drain_timeout: Duration,
     pub pending_cancellation_ttl: Duration,
     pub pending_check_interval: Duration,
@@ -179,6 +207,36 @@ pub const VARIABLES: &[Variable] = &[
         help: "seconds to wait for a connection",
     },
     Variable {
+        name: "DB_STATEMENT_TIMEOUT_MS",
+        default: "30000",
+        help: "statement_timeout of every session, ms (0: none); a timeout is retried",
+    },
+    Variable {
+        name: "DB_LOCK_TIMEOUT_MS",
+        default: "10000",
+        help: "lock_timeout of every session, ms (0: none); a timeout is retried",
+    },
+    Variable {
+        name: "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS",
+        default: "60000",
+        help: "idle_in_transaction_session_timeout of every session, ms (0: none)",
+    },
+    Variable {
+        name: "DB_MIGRATE",
+        default: "auto",
+        help: "auto: run applies pending migrations; off: run refuses to start while one is pending",
+    },
+    Variable {
+        name: "DB_MIGRATION_LOCK_TIMEOUT_MS",
+        default: "2000",
+        help: "lock_timeout of each migration statement, ms; it is retried when it runs out",
+    },
+    Variable {
+        name: "DB_REJECT_HALT_AFTER",
+        default: "25",
+        help: "halt after this many consecutive records refused by the database (0: never)",
+    },
+    Variable {
         name: "KAFKA_BROKERS",
         default: "localhost:9092",
         help: "bootstrap servers, comma-separated",
@@ -222,6 +280,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "KAFKA_FETCH_WAIT_MAX_MS",
         default: "100",
         help: "longest the broker holds a fetch that has no new records, ms",
+    },
+    Variable {
+        name: "KAFKA_STATS_INTERVAL_MS",
+        default: "5000",
+        help: "librdkafka statistics (the consumer-lag metric), ms; 0 turns them off",
     },
     Variable {
         name: "KAFKA_PROP_<NAME>",
@@ -277,6 +340,16 @@ pub const VARIABLES: &[Variable] = &[
         name: "SHUTDOWN_TIMEOUT_SECS",
         default: "30",
         help: "deadline for a clean shutdown after SIGINT/SIGTERM",
+    },
+    Variable {
+        name: "METRICS_ADDR",
+        default: "0.0.0.0:9090",
+        help: "address of /metrics, /healthz and /readyz; off turns it off",
+    },
+    Variable {
+        name: "STATS_LOG_INTERVAL_SECS",
+        default: "60",
+        help: "how often a one-line JSON stats summary is logged; 0 turns it off",
     },
     Variable {
         name: "LOG_LEVEL",
@@ -341,6 +414,15 @@ impl Config {
             sslrootcert: env.raw("DB_SSLROOTCERT").filter(|v| !v.is_empty()).map(str::to_string),
             pool_size: env.number("DB_POOL_SIZE", writers as u32 + 2, 1, 1000)?,
             connect_timeout: Duration::from_secs(env.number("DB_CONNECT_TIMEOUT_SECS", 5u64, 1, 3600)?),
+            statement_timeout: env.millis("DB_STATEMENT_TIMEOUT_MS", 30_000, 0)?,
+            lock_timeout: env.millis("DB_LOCK_TIMEOUT_MS", 10_000, 0)?,
+            idle_in_transaction_timeout: env.millis("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 60_000, 0)?,
+            migrate: match env.raw("DB_MIGRATE").map(str::trim) {
+                None | Some("") | Some("auto") => MigrateMode::Auto,
+                Some("off") => MigrateMode::Off,
+                Some(v) => return Err(invalid("DB_MIGRATE", v, "auto or off")),
+            },
+            migration_lock_timeout: env.millis("DB_MIGRATION_LOCK_TIMEOUT_MS", 2_000, 10)?,
         };
 
         let mut properties: Vec<(String, String)> = vec![
@@ -404,6 +486,7 @@ impl Config {
             channel_capacity: env.number("CHANNEL_CAPACITY", 512usize, 1, 1_000_000)?,
             max_payload_bytes: env.number("MAX_PAYLOAD_BYTES", 65_536usize, 256, 64 << 20)?,
             retry_max_backoff: Duration::from_millis(env.number("RETRY_MAX_BACKOFF_MS", 5_000u64, 10, 600_000)?),
+            reject_halt_after: env.number("DB_REJECT_HALT_AFTER", 25u32, 0, 1_000_000)?,
             rebalance_drain_timeout: Duration::from_secs(env.number("REBALANCE_DRAIN_TIMEOUT_SECS", 30u64, 0, 3600)?),
             pending_cancellation_ttl: Duration::from_secs(env.number(
                 "PENDING_CANCELLATION_TTL_SECS",
@@ -484,6 +567,11 @@ impl Env<'_> {
             Some(v) if v.chars().any(char::is_control) => Err(invalid(name, v, "text without control characters")),
             Some(v) => Ok(v.to_string()),
         }
+    }
+
+    /// A duration in milliseconds, at least `min` and at most a day.
+    fn millis(&self, name: &str, default: u64, min: u64) -> Result<Duration, ConfigError> {
+        self.number(name, default, min, 86_400_000).map(Duration::from_millis)
     }
 
     /// An integer within `[min, max]`; unset or empty gives the default.

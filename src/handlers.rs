@@ -6,12 +6,11 @@
 //! cancels; only Accepted becomes Cancelled; a cancellation that arrives before its booking is
 //! parked and applied when the booking is created; bookings are serialized by advisory locks.
 
-use crate::database::DbError;
+use crate::database::{DbError, ErrorClass};
 use crate::models::{BookingEvent, CancellationEvent, Event, Reason, Rejection};
 use crate::repository::{self, BookingRow, DeadLetter, NewBooking, ParkedCancellation, Parking, Source};
 use crate::writer::Work;
-use diesel::pg::PgConnection;
-use diesel::Connection;
+use postgres::{Client, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -70,12 +69,60 @@ enum Origin {
     Released(usize),
 }
 
-/// Applies a batch in one transaction. Nothing is written unless all of it is.
-pub fn apply_batch(conn: &mut PgConnection, batch: &[Work]) -> Result<BatchResult, DbError> {
-    conn.transaction(|conn| apply_in_transaction(conn, batch))
+/// A last look at a batch's outcomes before its transaction commits; an error rolls it back.
+pub type BeforeCommit<'a> = &'a dyn Fn(&BatchResult) -> Result<(), DbError>;
+
+/// Applies a batch in one transaction. Nothing is written unless all of it is, and nothing is
+/// committed that `before_commit` refuses (the writer's circuit breaker looks there).
+pub fn apply_batch(conn: &mut Client, batch: &[Work], before_commit: BeforeCommit<'_>) -> Result<BatchResult, DbError> {
+    let mut tx = conn.transaction()?;
+    let result = apply_in_transaction(&mut tx, batch)?;
+    before_commit(&result)?;
+    tx.commit()?;
+    Ok(result)
 }
 
-fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<BatchResult, DbError> {
+/// Ids of created bookings and refusals of the others, both by external id.
+type CreatedAndRefused = (HashMap<String, i32>, HashMap<String, DbError>);
+
+/// Creates the bookings; a row the database refuses for its own values (SQLSTATE class 22 or 23:
+/// too long, a foreign key gone) is set apart under a savepoint, so that the rest of the batch
+/// still applies.
+fn create_isolating(tx: &mut Transaction<'_>, rows: &[NewBooking<'_>]) -> Result<CreatedAndRefused, DbError> {
+    let mut refused = HashMap::new();
+    let mut all = tx.savepoint("create_bookings")?;
+    match repository::create_bookings(&mut all, rows) {
+        Ok(created) => {
+            all.commit()?;
+            return Ok((created, refused));
+        }
+        Err(e) if e.is(ErrorClass::Record) && rows.len() > 1 => all.rollback()?,
+        Err(e) if e.is(ErrorClass::Record) => {
+            all.rollback()?;
+            refused.insert(rows[0].external_id.to_string(), e);
+            return Ok((HashMap::new(), refused));
+        }
+        Err(e) => return Err(e),
+    }
+    let mut created = HashMap::new();
+    for row in rows {
+        let mut one = tx.savepoint("create_booking")?;
+        match repository::create_bookings(&mut one, std::slice::from_ref(row)) {
+            Ok(ids) => {
+                one.commit()?;
+                created.extend(ids);
+            }
+            Err(e) if e.is(ErrorClass::Record) => {
+                one.rollback()?;
+                refused.insert(row.external_id.to_string(), e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((created, refused))
+}
+
+fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work]) -> Result<BatchResult, DbError> {
     let booking_ids = distinct(batch.iter().filter_map(Work::event).map(Event::booking_id));
     repository::lock_booking_ids(conn, &booking_ids)?;
 
@@ -183,11 +230,12 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
     for nb in &mut rows {
         nb.cancelled = born_cancelled.contains(nb.external_id);
     }
-    let created = repository::create_bookings(conn, &rows)?;
+    let (created, refused) = create_isolating(conn, &rows)?;
     for (i, nb) in &new_bookings {
-        outcomes[*i] = Some(match created.get(nb.external_id) {
-            Some(&id) => Outcome::Created { id },
-            None => Outcome::Duplicate,
+        outcomes[*i] = Some(match (created.get(nb.external_id), refused.get(nb.external_id)) {
+            (Some(&id), _) => Outcome::Created { id },
+            (None, Some(e)) => Outcome::DeadLettered(Rejection::refused(e.sqlstate.as_deref(), &e.message)),
+            (None, None) => Outcome::Duplicate,
         });
     }
     // The rows written as Cancelled, by id. The decisions below see them as the Accepted rows they
@@ -232,10 +280,14 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
     if decided_on_insert != written_cancelled.len() {
         // Cannot happen: every booking written as Cancelled is cancelled by a request above. Were it
         // to, the transaction is rolled back rather than committing a status nobody decided.
-        return Err(DbError::Permanent(format!(
-            "{} bookings were written as Cancelled but only {decided_on_insert} were cancelled",
-            written_cancelled.len()
-        )));
+        return Err(DbError {
+            class: ErrorClass::Record,
+            sqlstate: None,
+            message: format!(
+                "{} bookings were written as Cancelled but only {decided_on_insert} were cancelled",
+                written_cancelled.len()
+            ),
+        });
     }
     to_cancel.retain(|id| !written_cancelled.contains(id));
     repository::cancel_bookings(conn, &to_cancel)?;
@@ -286,6 +338,7 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
                 booking_id: work.event().map(Event::booking_id),
                 reason: r.reason.as_str(),
                 error: &r.error,
+                sqlstate: r.sqlstate.as_deref(),
             });
         }
     }
@@ -296,6 +349,7 @@ fn apply_in_transaction(conn: &mut PgConnection, batch: &[Work]) -> Result<Batch
                 booking_id: Some(&parked.booking_ref),
                 reason: r.reason.as_str(),
                 error: &r.error,
+                sqlstate: r.sqlstate.as_deref(),
             });
         }
     }
@@ -432,27 +486,27 @@ const EXPIRY_BATCH: i64 = 500;
 
 /// Dead-letters parked cancellations older than `ttl` as `cancellation_expired`, a batch per
 /// transaction, under the same advisory locks as the writers. Returns what expired.
-pub fn expire_parked(conn: &mut PgConnection, ttl: Duration) -> Result<Vec<ParkedCancellation>, DbError> {
+pub fn expire_parked(conn: &mut Client, ttl: Duration) -> Result<Vec<ParkedCancellation>, DbError> {
     let mut expired = Vec::new();
     loop {
-        let batch = conn.transaction(|conn| -> Result<Vec<ParkedCancellation>, DbError> {
-            let refs = repository::expired_parked_refs(conn, ttl, EXPIRY_BATCH)?;
-            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
-            repository::lock_booking_ids(conn, &refs)?;
-            let rows = repository::take_expired_parked(conn, &refs, ttl)?;
-            let error = format!("no booking arrived within {} s", ttl.as_secs());
-            let letters: Vec<DeadLetter<'_>> = rows
-                .iter()
-                .map(|p| DeadLetter {
-                    source: p.source(),
-                    booking_id: Some(&p.booking_ref),
-                    reason: Reason::CancellationExpired.as_str(),
-                    error: &error,
-                })
-                .collect();
-            repository::insert_dead_letters(conn, &letters)?;
-            Ok(rows)
-        })?;
+        let mut tx = conn.transaction()?;
+        let refs = repository::expired_parked_refs(&mut tx, ttl, EXPIRY_BATCH)?;
+        let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        repository::lock_booking_ids(&mut tx, &refs)?;
+        let batch = repository::take_expired_parked(&mut tx, &refs, ttl)?;
+        let error = format!("no booking arrived within {} s", ttl.as_secs());
+        let letters: Vec<DeadLetter<'_>> = batch
+            .iter()
+            .map(|p| DeadLetter {
+                source: p.source(),
+                booking_id: Some(&p.booking_ref),
+                reason: Reason::CancellationExpired.as_str(),
+                error: &error,
+                sqlstate: None,
+            })
+            .collect();
+        repository::insert_dead_letters(&mut tx, &letters)?;
+        tx.commit()?;
         let full = batch.len() as i64 >= EXPIRY_BATCH;
         expired.extend(batch);
         if !full {

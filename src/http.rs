@@ -1,13 +1,17 @@
 //! The synchronous HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process and its
-//! threads are alive) and `/readyz` (the database answers and the consumer holds an assignment),
-//! plus the client side used by `booking-worker healthcheck`.
+//! threads are alive) and `/readyz` (the database answers, the worker is not halted and the
+//! consumer holds an assignment), plus the client side used by `booking-worker healthcheck`.
+//!
+//! It is a small HTTP/1.0 responder on one named thread: three GET paths for probes and a
+//! scraper need no more, and every thread of the worker stays named and joined.
 
-use crate::database::{DbError, Pool};
+use crate::database::Pool;
+use crate::halt::Halt;
 use crate::metrics::Metrics;
 use crate::repository;
 use crate::shutdown::Shutdown;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -81,15 +85,18 @@ impl Health {
 pub struct Readiness {
     pub pool: Pool,
     pub assigned: Arc<AtomicBool>,
+    pub halt: Arc<Halt>,
 }
 
 impl Readiness {
     pub fn check(&self) -> Result<(), String> {
+        if let Some(cause) = self.halt.cause() {
+            return Err(cause.reason());
+        }
         let db = self
             .pool
             .get_timeout(Duration::from_secs(2))
-            .map_err(DbError::from)
-            .and_then(|mut c| repository::ping(&mut c));
+            .and_then(|mut c| repository::ping(c.client()));
         if let Err(e) = db {
             return Err(format!("database: {e}"));
         }
@@ -108,37 +115,85 @@ pub fn serve(
     readiness: Readiness,
     shutdown: Shutdown,
 ) -> std::io::Result<JoinHandle<()>> {
-    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+    let listener = TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     log::info!(addr = addr.to_string(); "metrics and health endpoint listening");
     std::thread::Builder::new().name("http".into()).spawn(move || {
         while !shutdown.is_triggered() {
-            match server.recv_timeout(Duration::from_millis(200)) {
-                Ok(Some(request)) => respond(request, &metrics, &health, &readiness),
-                Ok(None) => {}
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = answer(stream, &metrics, &health, &readiness) {
+                        log::debug!(error = e.to_string(); "http client went away");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    shutdown.sleep(ACCEPT_POLL);
+                }
                 Err(e) => {
                     log::warn!(error = e.to_string(); "http endpoint error");
-                    shutdown.sleep(Duration::from_millis(200));
+                    shutdown.sleep(ACCEPT_POLL);
                 }
             }
         }
     })
 }
 
-fn respond(request: tiny_http::Request, metrics: &Metrics, health: &Health, readiness: &Readiness) {
-    let path = request.url().split('?').next().unwrap_or("").to_string();
-    let (status, content_type, body) = match (request.method(), path.as_str()) {
-        (tiny_http::Method::Get, "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
-        (tiny_http::Method::Get, "/healthz") => status_of(health.check()),
-        (tiny_http::Method::Get, "/readyz") => status_of(readiness.check()),
-        (tiny_http::Method::Get, _) => (404, "text/plain", "not found\n".into()),
-        _ => (405, "text/plain", "method not allowed\n".into()),
+/// How often the idle endpoint looks for a connection (and for shutdown).
+const ACCEPT_POLL: Duration = Duration::from_millis(100);
+
+/// How long a client may take to send its request or read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Reads one request and answers it; the connection is closed after the answer.
+fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Health, readiness: &Readiness) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || head.len() > MAX_REQUEST {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (status, content_type, body) = respond(method, target, metrics, health, readiness);
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
     };
-    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()).expect("valid header");
-    let response = tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header);
-    if let Err(e) = request.respond(response) {
-        log::debug!(error = e.to_string(); "http client went away");
+    write!(
+        stream,
+        "HTTP/1.0 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body.as_bytes())?;
+    stream.flush()
+}
+
+fn respond(
+    method: &str,
+    target: &str,
+    metrics: &Metrics,
+    health: &Health,
+    readiness: &Readiness,
+) -> (u16, &'static str, String) {
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
+        ("GET", "/healthz") => status_of(health.check()),
+        ("GET", "/readyz") => status_of(readiness.check()),
+        ("GET", _) => (404, "text/plain", "not found\n".into()),
+        _ => (405, "text/plain", "method not allowed\n".into()),
     }
 }
 
@@ -204,9 +259,11 @@ mod tests {
         let health = Health::new();
         let shutdown = Shutdown::new();
         let config = crate::config::Config::from_vars(&[("DB_PORT".into(), "1".into())]).unwrap();
+        let halt = Arc::new(Halt::new(25));
         let readiness = Readiness {
-            pool: crate::database::pool(&config.database),
+            pool: Pool::new(&config.database).unwrap(),
             assigned: Arc::new(AtomicBool::new(true)),
+            halt: Arc::clone(&halt),
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -218,10 +275,25 @@ mod tests {
         assert_eq!(get_status(&a, "/metrics", t).unwrap(), 200);
         assert_eq!(get_status(&a, "/readyz", t).unwrap(), 503, "no database on port 1");
         assert_eq!(get_status(&a, "/nope", t).unwrap(), 404);
+        halt.enter(
+            1,
+            &crate::database::DbError::systemic(Some("42703"), "column \"payment_id\" does not exist"),
+        );
+        let body = readiness_body(&a);
+        assert!(body.contains("SQLSTATE 42703"), "{body}");
         let guard = health.register("writer-1");
         drop(guard);
         assert_eq!(get_status(&a, "/healthz", t).unwrap(), 503);
         shutdown.trigger();
         handle.join().unwrap();
+    }
+
+    fn readiness_body(addr: &str) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(stream, "GET /readyz HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.0 503 "), "{out}");
+        out
     }
 }

@@ -10,6 +10,7 @@ pub mod baggage;
 pub mod commands;
 pub mod config;
 pub mod database;
+pub mod halt;
 pub mod handlers;
 pub mod http;
 pub mod kafka;
@@ -22,13 +23,15 @@ pub mod repository;
 pub mod shutdown;
 pub mod writer;
 
-use crate::config::Config;
-use crate::database::{Backoff, DbError, Pool};
+use crate::config::{Config, DatabaseConfig, MigrateMode};
+use crate::database::{Backoff, DbError, ErrorClass, Pool};
+use crate::halt::Halt;
 use crate::http::{Health, Readiness};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
+use crate::repository::MigrateError;
 use crate::shutdown::Shutdown;
-use crate::writer::WriterPool;
+use crate::writer::{WriterLinks, WriterPool};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -39,6 +42,12 @@ use std::time::{Duration, Instant};
 pub enum RunError {
     #[error("database cannot be used: {0}")]
     Database(DbError),
+    #[error(
+        "migration(s) {} pending and not applied by this worker ({reason}): run `booking-worker migrate` \
+         as the owner of booking-management's tables, then start the worker again",
+        pending.join(", ")
+    )]
+    MigrationPending { pending: Vec<String>, reason: String },
     #[error("kafka client failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("could not start a thread: {0}")]
@@ -53,6 +62,7 @@ impl RunError {
         match self {
             RunError::Database(_) => 3,
             RunError::Kafka(_) => 4,
+            RunError::MigrationPending { .. } => 7,
             RunError::Thread(_) | RunError::Http { .. } => 1,
         }
     }
@@ -66,15 +76,17 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         writers = config.pipeline.writers, batch_size = config.pipeline.batch_size;
         "booking-worker starting"
     );
-    let pool = database::pool(&config.database);
+    let pool = Pool::new(&config.database).map_err(RunError::Database)?;
     let metrics = Metrics::new();
     let health = Health::new();
+    let halt = Arc::new(Halt::new(config.pipeline.reject_halt_after));
     let assigned = Arc::new(AtomicBool::new(false));
     let http = match config.metrics_addr {
         Some(addr) => {
             let readiness = Readiness {
                 pool: pool.clone(),
                 assigned: Arc::clone(&assigned),
+                halt: Arc::clone(&halt),
             };
             let served = http::serve(
                 addr,
@@ -96,7 +108,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             join_named(handle);
         }
     };
-    match wait_and_migrate(&pool, &shutdown, config.pipeline.retry_max_backoff) {
+    match wait_and_migrate(&pool, &shutdown, &config) {
         Ok(true) => {}
         Ok(false) => {
             log::info!("shutdown before the database was reachable");
@@ -110,13 +122,15 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     }
 
     let tracker = OffsetTracker::new();
-    let (dispatcher, writers) = WriterPool::start(
-        &config.pipeline,
-        pool.clone(),
-        tracker.clone(),
-        Arc::clone(&metrics),
-        Arc::clone(&health),
-    )?;
+    let links = WriterLinks {
+        pool: pool.clone(),
+        tracker: tracker.clone(),
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+        halt,
+        shutdown: shutdown.clone(),
+    };
+    let (dispatcher, writers) = WriterPool::start(&config.pipeline, links)?;
     let housekeeping = spawn_housekeeping(pool.clone(), shutdown.clone(), &config, Arc::clone(&metrics), &health)?;
 
     let links = kafka::Links {
@@ -160,30 +174,51 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Waits for the database (retrying with backoff) and applies the worker's migrations. Returns
-/// false when shutdown came first.
-fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, max_backoff: Duration) -> Result<bool, RunError> {
-    let mut backoff = Backoff::new(max_backoff);
+/// Waits for the database (retrying transient failures with backoff) and brings the worker's
+/// migrations up to date: applies them under `DB_MIGRATE=auto`, or only checks that none is
+/// pending under `off`. Returns false when shutdown came first.
+fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config) -> Result<bool, RunError> {
+    let mut backoff = Backoff::new(config.pipeline.retry_max_backoff);
     loop {
-        let result = pool
-            .get()
-            .map_err(DbError::from)
-            .and_then(|mut conn| repository::migrate(&mut conn));
-        match result {
+        match migrate_once(pool, &config.database) {
             Ok(applied) => {
-                log::info!(applied = format!("{applied:?}"); "database ready; migrations applied");
+                log::info!(applied = applied.join(","); "database ready; migrations up to date");
                 return Ok(true);
             }
-            Err(DbError::Transient(error)) => {
+            Err(MigrateError::Database(e)) if e.is(ErrorClass::Transient) => {
                 let delay = backoff.next_delay();
-                log::warn!(error = error, attempt = backoff.attempts; "database not reachable yet; retrying");
+                log::warn!(error = e.to_string(), attempt = backoff.attempts; "database not reachable yet; retrying");
                 if shutdown.sleep(delay) {
                     return Ok(false);
                 }
             }
-            Err(permanent) => return Err(RunError::Database(permanent)),
+            Err(MigrateError::Database(e)) => return Err(RunError::Database(e)),
+            Err(MigrateError::NotAllowed { pending, error }) => {
+                let reason = match config.database.migrate {
+                    MigrateMode::Off => "DB_MIGRATE=off".to_string(),
+                    MigrateMode::Auto => format!("the role may not change the schema: {error}"),
+                };
+                return Err(RunError::MigrationPending { pending, reason });
+            }
         }
     }
+}
+
+/// One attempt at [`wait_and_migrate`], on a connection of its own that is closed afterwards.
+fn migrate_once(pool: &Pool, config: &DatabaseConfig) -> Result<Vec<String>, MigrateError> {
+    let mut conn = pool.get()?;
+    conn.discard();
+    if config.migrate == MigrateMode::Off {
+        let pending = repository::pending(conn.client())?;
+        if !pending.is_empty() {
+            return Err(MigrateError::NotAllowed {
+                pending,
+                error: DbError::systemic(None, "DB_MIGRATE=off"),
+            });
+        }
+        return Ok(Vec::new());
+    }
+    repository::migrate(conn.client(), config.migration_lock_timeout)
 }
 
 /// The `housekeeping` thread: expires parked cancellations into dead letters, keeps the parked
@@ -220,9 +255,9 @@ fn spawn_housekeeping(
 }
 
 fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
-    let result = pool.get().map_err(DbError::from).and_then(|mut conn| {
-        let expired = handlers::expire_parked(&mut conn, ttl)?;
-        let parked = repository::count_parked(&mut conn)?;
+    let result = pool.get().and_then(|mut conn| {
+        let expired = handlers::expire_parked(conn.client(), ttl)?;
+        let parked = repository::count_parked(conn.client())?;
         Ok((expired, parked))
     });
     match result {

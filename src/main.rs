@@ -35,7 +35,7 @@ enum Command {
     /// Check the configuration, the database, the broker and the topics; the exit code says which
     /// failed (2 configuration, 3 database, 4 broker, 5 topics).
     Check,
-    /// Apply the worker's own database migrations and exit.
+    /// Apply the worker's own database migrations, online, and exit (7 when this role may not).
     Migrate,
     /// Inspect and replay dead letters.
     #[command(subcommand)]
@@ -89,7 +89,9 @@ fn environment_help() -> String {
     out.push_str(
         "\nExit codes: 0 success, 1 failure, 2 invalid configuration, 3 database unusable,\n\
          4 Kafka client or broker failure, 5 topics missing, 6 dead letters still failing,\n\
-         124 shutdown deadline passed, 130 second signal.",
+         7 a migration is pending that this worker may not apply (run `booking-worker migrate`\n\
+         as the owner of booking-management's tables), 124 shutdown deadline passed,\n\
+         130 second signal.",
     );
     out
 }

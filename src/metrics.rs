@@ -22,6 +22,8 @@ pub struct Metrics {
     channel_depth: IntGauge,
     assigned: IntGauge,
     released: IntCounter,
+    halted: IntGauge,
+    halts: IntCounter,
 }
 
 impl Metrics {
@@ -55,7 +57,7 @@ impl Metrics {
         let transactions = IntCounterVec::new(
             Opts::new(
                 "booking_worker_db_transactions_total",
-                "Batch transactions by result: committed, transient_error, permanent_error.",
+                "Batch transactions by result: committed, transient_error, systemic_error, record_error.",
             ),
             &["result"],
         )
@@ -91,6 +93,16 @@ impl Metrics {
             "Parked cancellations applied or dead-lettered when their booking arrived.",
         )
         .expect("valid metric");
+        let halted = IntGauge::new(
+            "booking_worker_halted",
+            "1 while the worker is halted because the database cannot take its writes (see /readyz for the SQLSTATE).",
+        )
+        .expect("valid metric");
+        let halts = IntCounter::new(
+            "booking_worker_halts_total",
+            "Times the worker halted on a systemic database error or a tripped circuit breaker.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(dead_letters.clone()),
@@ -102,6 +114,8 @@ impl Metrics {
             Box::new(channel_depth.clone()),
             Box::new(assigned.clone()),
             Box::new(released.clone()),
+            Box::new(halted.clone()),
+            Box::new(halts.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -121,6 +135,8 @@ impl Metrics {
             channel_depth,
             assigned,
             released,
+            halted,
+            halts,
         })
     }
 
@@ -171,6 +187,14 @@ impl Metrics {
 
     pub fn set_channel_depth(&self, n: usize) {
         self.channel_depth.set(n as i64);
+    }
+
+    /// The worker halted (counted once per halt) or runs again.
+    pub fn set_halted(&self, halted: bool) {
+        if halted {
+            self.halts.inc();
+        }
+        self.halted.set(i64::from(halted));
     }
 
     pub fn set_assigned(&self, n: usize) {

@@ -8,8 +8,14 @@ use chrono::{DateTime, NaiveDate};
 use serde_json::{Map, Value};
 use std::fmt;
 
-/// The longest identifier (booking, user, room, payment) the worker accepts.
+/// The longest booking, user or room identifier the worker accepts: the width of the worker's own
+/// `external_id` column (user and room identifiers are only looked up, never stored).
 pub const MAX_ID_LEN: usize = 255;
+
+/// The longest payment id the decoder lets through. The payment id is stored in
+/// booking-management's `payment_id` column, whose width that service owns, so the database
+/// judges it (a refusal is dead-lettered with its SQLSTATE); this bound only keeps a record small.
+pub const MAX_PAYMENT_ID_LEN: usize = 1024;
 
 /// Which contract a topic carries. This is the table of topics: a new event type adds a variant
 /// here, its model below and its handler.
@@ -86,7 +92,7 @@ impl BookingEvent {
         let booking_id = f.id("bookingId")?;
         let user_id = f.id("userId")?;
         let room_id = f.id("roomId")?;
-        let payment_id = f.id("paymentId")?;
+        let payment_id = f.id_within("paymentId", MAX_PAYMENT_ID_LEN)?;
         let guests = f.guests("guests")?;
         let start_date = f.date("startDate")?;
         let end_date = f.date("endDate")?;
@@ -208,6 +214,8 @@ impl fmt::Display for Reason {
 pub struct Rejection {
     pub reason: Reason,
     pub error: String,
+    /// The server's SQLSTATE, when the database refused the record.
+    pub sqlstate: Option<String>,
 }
 
 impl Rejection {
@@ -215,6 +223,16 @@ impl Rejection {
         Rejection {
             reason,
             error: error.into(),
+            sqlstate: None,
+        }
+    }
+
+    /// A record the database refused, with the server's SQLSTATE.
+    pub fn refused(sqlstate: Option<&str>, error: impl Into<String>) -> Rejection {
+        Rejection {
+            reason: Reason::DatabaseRejected,
+            error: error.into(),
+            sqlstate: sqlstate.map(str::to_string),
         }
     }
 }
@@ -256,9 +274,14 @@ impl Fields<'_> {
         }
     }
 
-    /// A non-empty identifier of printable characters, at most [`MAX_ID_LEN`] long. Numbers are
-    /// accepted for ids (a numeric user id is common) and kept in their decimal form.
+    /// A non-empty identifier of printable characters, at most [`MAX_ID_LEN`] long.
     fn id(&self, name: &str) -> Result<String, Rejection> {
+        self.id_within(name, MAX_ID_LEN)
+    }
+
+    /// A non-empty identifier of printable characters, at most `max_len` characters. Numbers are
+    /// accepted for ids (a numeric user id is common) and kept in their decimal form.
+    fn id_within(&self, name: &str, max_len: usize) -> Result<String, Rejection> {
         let text = match self.present(name)? {
             Value::String(s) => s.trim().to_string(),
             Value::Number(n) if n.is_u64() => n.to_string(),
@@ -272,10 +295,10 @@ impl Fields<'_> {
         if text.is_empty() {
             return Err(Rejection::new(Reason::MissingField, format!("{name} is empty")));
         }
-        if text.chars().count() > MAX_ID_LEN {
+        if text.chars().count() > max_len {
             return Err(Rejection::new(
                 Reason::InvalidField,
-                format!("{name} is longer than {MAX_ID_LEN} characters"),
+                format!("{name} is longer than {max_len} characters"),
             ));
         }
         if text.chars().any(char::is_control) {
@@ -435,6 +458,10 @@ mod tests {
                 Reason::InvalidField,
             ),
             (with("paymentId", Value::String("a\u{0}b".into())), Reason::InvalidField),
+            (
+                with("paymentId", Value::String("p".repeat(MAX_PAYMENT_ID_LEN + 1))),
+                Reason::InvalidField,
+            ),
         ];
         for (payload, reason) in cases {
             let err = booking(&payload).unwrap_err();

@@ -1,12 +1,15 @@
 //! The writer pool: named threads that take records off bounded channels in batches, apply each
-//! batch in one PostgreSQL transaction, retry transient failures forever with capped backoff, and
-//! only then mark the records durable in the offset tracker.
+//! batch in one PostgreSQL transaction, and only then mark the records durable in the offset
+//! tracker. What a failed batch does depends on the class of its error: a transient one is retried
+//! with capped, jittered backoff; a systemic one halts the worker (see [`crate::halt`]) while the
+//! same batch is retried; a record's own refusal sets that record apart as a dead letter.
 //!
 //! Records of one booking id always go to the same writer, so they are applied in the order they
 //! were consumed. Closing the channels (dropping every [`Dispatcher`]) drains and stops the pool.
 
 use crate::config::PipelineConfig;
-use crate::database::{Backoff, DbError, Pool};
+use crate::database::{Backoff, DbError, ErrorClass, Pool};
+use crate::halt::{Halt, Transition};
 use crate::handlers::{self, BatchResult, Outcome};
 use crate::http::Health;
 use crate::logger::{self, EventScope};
@@ -14,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::models::{Event, Reason, Rejection};
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::repository::{ParkedCancellation, Source};
+use crate::shutdown::Shutdown;
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -127,6 +131,16 @@ impl Dispatcher {
     }
 }
 
+/// What the writers share with the rest of the worker.
+pub struct WriterLinks {
+    pub pool: Pool,
+    pub tracker: Arc<OffsetTracker>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub halt: Arc<Halt>,
+    pub shutdown: Shutdown,
+}
+
 /// The running writer threads.
 pub struct WriterPool {
     handles: Vec<JoinHandle<()>>,
@@ -134,13 +148,7 @@ pub struct WriterPool {
 
 impl WriterPool {
     /// Starts `config.writers` threads named `writer-N`.
-    pub fn start(
-        config: &PipelineConfig,
-        pool: Pool,
-        tracker: Arc<OffsetTracker>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> std::io::Result<(Dispatcher, WriterPool)> {
+    pub fn start(config: &PipelineConfig, links: WriterLinks) -> std::io::Result<(Dispatcher, WriterPool)> {
         let mut senders = Vec::with_capacity(config.writers);
         let mut handles = Vec::with_capacity(config.writers);
         for n in 1..=config.writers {
@@ -148,11 +156,14 @@ impl WriterPool {
             senders.push(tx);
             let name = format!("writer-{n}");
             let writer = Writer {
+                number: n,
                 rx,
-                pool: pool.clone(),
-                tracker: Arc::clone(&tracker),
-                metrics: Arc::clone(&metrics),
-                _alive: health.register(&name),
+                pool: links.pool.clone(),
+                tracker: Arc::clone(&links.tracker),
+                metrics: Arc::clone(&links.metrics),
+                halt: Arc::clone(&links.halt),
+                shutdown: links.shutdown.clone(),
+                _alive: links.health.register(&name),
                 batch_size: config.batch_size,
                 linger: config.batch_linger,
                 max_backoff: config.retry_max_backoff,
@@ -163,6 +174,7 @@ impl WriterPool {
                     .spawn(move || writer.run())?,
             );
         }
+        let tracker = links.tracker;
         Ok((Dispatcher { senders, tracker }, WriterPool { handles }))
     }
 
@@ -178,14 +190,23 @@ impl WriterPool {
     }
 }
 
-/// How often a single record refused by the database is tried before it is dead-lettered.
-const PERMANENT_ATTEMPTS: u32 = 3;
+/// Why a batch was not brought to an end.
+enum Stop {
+    /// The database refused a record of it (SQLSTATE class 22 or 23).
+    Refused(DbError),
+    /// Shutdown came while the database could not take the batch: its records stay unstored and
+    /// are consumed again on the next start.
+    Abandoned,
+}
 
 struct Writer {
+    number: usize,
     rx: Receiver<Work>,
     pool: Pool,
     tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
+    halt: Arc<Halt>,
+    shutdown: Shutdown,
     /// Marks this writer dead for `/healthz` when the thread ends.
     _alive: crate::http::Alive,
     batch_size: usize,
@@ -196,7 +217,9 @@ struct Writer {
 impl Writer {
     fn run(self) {
         let mut batch: Vec<Work> = Vec::with_capacity(self.batch_size);
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            self.halt.wait_until_running(&self.shutdown);
+            let Ok(first) = self.rx.recv() else { break };
             batch.push(first);
             let deadline = Instant::now() + self.linger;
             while batch.len() < self.batch_size {
@@ -205,7 +228,12 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.process(&batch);
+            if self.process(&batch).is_err() {
+                let left = batch.len() + self.rx.len();
+                log::warn!(records = left;
+                    "shutdown while the database cannot take writes; these records are consumed again on the next start");
+                return;
+            }
             self.tracker
                 .completed(batch.iter().map(|w| (&w.meta().tp, w.meta().offset)));
             batch.clear();
@@ -213,56 +241,89 @@ impl Writer {
         log::debug!("writer drained and stopped");
     }
 
-    /// Brings every record of the batch to a durable end.
-    fn process(&self, batch: &[Work]) {
+    /// Brings every record of the batch to a durable end, or gives up at shutdown.
+    fn process(&self, batch: &[Work]) -> Result<(), ()> {
         match self.apply_until_done(batch) {
             Ok(result) => self.log_result(batch, &result),
-            Err(error) if batch.len() > 1 => {
+            Err(Stop::Abandoned) => return Err(()),
+            Err(Stop::Refused(error)) if batch.len() > 1 => {
                 log::warn!(error = error.to_string(), records = batch.len();
-                    "database refused a batch; applying its records one by one");
+                    "database refused a record of the batch; applying its records one by one");
                 for work in batch {
-                    self.process_one(work);
+                    self.process_one(work)?;
                 }
             }
-            Err(_) => self.process_one(&batch[0]),
+            Err(Stop::Refused(error)) => self.dead_letter(&batch[0], error)?,
         }
+        Ok(())
     }
 
-    /// Applies one record, and dead-letters it as `database_rejected` when the database keeps
-    /// refusing it.
-    fn process_one(&self, work: &Work) {
+    /// Applies one record on its own, and dead-letters it when the database refuses it.
+    fn process_one(&self, work: &Work) -> Result<(), ()> {
         let single = std::slice::from_ref(work);
+        match self.apply_until_done(single) {
+            Ok(result) => self.log_result(single, &result),
+            Err(Stop::Abandoned) => return Err(()),
+            Err(Stop::Refused(error)) => self.dead_letter(work, error)?,
+        }
+        Ok(())
+    }
+
+    /// Stores a record the database refused as a dead letter with the server's SQLSTATE. When the
+    /// circuit breaker forbids one more, the worker halts and the record itself is retried.
+    fn dead_letter(&self, work: &Work, error: DbError) -> Result<(), ()> {
+        let mut error = error;
         let mut backoff = Backoff::new(self.max_backoff);
-        let mut last_error = String::new();
-        for _ in 0..PERMANENT_ATTEMPTS {
-            match self.apply_until_done(single) {
-                Ok(result) => return self.log_result(single, &result),
-                Err(error) => {
-                    last_error = error.to_string();
-                    std::thread::sleep(backoff.next_delay());
+        while !self.halt.breaker().allows(std::iter::once(true)) {
+            self.wait_out(&self.breaker_error(&error), &mut backoff, 1)?;
+            match self.apply_until_done(std::slice::from_ref(work)) {
+                Ok(result) => {
+                    self.log_result(std::slice::from_ref(work), &result);
+                    return Ok(());
                 }
+                Err(Stop::Abandoned) => return Err(()),
+                Err(Stop::Refused(again)) => error = again,
             }
         }
         let rejected = [Work::Reject {
             meta: work.meta().clone(),
-            rejection: Rejection::new(Reason::DatabaseRejected, last_error),
+            rejection: Rejection::refused(error.sqlstate.as_deref(), error.message),
         }];
+        match self.apply_until_done(&rejected) {
+            Ok(result) => self.log_result(&rejected, &result),
+            Err(Stop::Abandoned) => return Err(()),
+            Err(Stop::Refused(error)) => {
+                // Storing a dead letter touches only the worker's own table; a refusal there means
+                // that table is not as its migrations made it.
+                logger::with_event(
+                    work.scope(),
+                    || log::error!(error = error.to_string(); "database refuses to store a dead letter"),
+                );
+                self.dead_letter_or_halt(&rejected, error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Retries storing a dead letter as a systemic failure until it goes through.
+    fn dead_letter_or_halt(&self, rejected: &[Work], error: DbError) -> Result<(), ()> {
+        let systemic = DbError {
+            class: ErrorClass::Systemic,
+            ..error
+        };
+        let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            match self.apply_until_done(&rejected) {
-                Ok(result) => return self.log_result(&rejected, &result),
-                Err(error) => {
-                    logger::with_event(work.scope(), || {
-                        log::error!(error = error.to_string();
-                            "database refuses to store a dead letter; retrying, the offset stays put")
-                    });
-                    std::thread::sleep(backoff.next_delay());
-                }
+            self.wait_out(&systemic, &mut backoff, 1)?;
+            if let Ok(result) = self.apply_until_done(rejected) {
+                self.log_result(rejected, &result);
+                return Ok(());
             }
         }
     }
 
     /// Logs and counts the end of every record of a committed batch.
     fn log_result(&self, batch: &[Work], result: &BatchResult) {
+        self.halt.breaker().committed(result.outcomes.iter().map(is_refusal));
         logger::in_one_write(|| {
             for (work, outcome) in batch.iter().zip(&result.outcomes) {
                 let seconds = work.meta().received_at.elapsed().as_secs_f64();
@@ -277,32 +338,108 @@ impl Writer {
         })
     }
 
-    /// Applies a batch, retrying transient failures with capped backoff for as long as they last.
-    /// Returns only success or a permanent failure.
-    fn apply_until_done(&self, batch: &[Work]) -> Result<BatchResult, DbError> {
+    /// Applies a batch, retrying transient and systemic failures with capped backoff for as long
+    /// as they last (halting the worker for a systemic one). Returns the result, a record's
+    /// refusal, or [`Stop::Abandoned`] at shutdown.
+    fn apply_until_done(&self, batch: &[Work]) -> Result<BatchResult, Stop> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            let result = self
-                .pool
-                .get()
-                .map_err(DbError::from)
-                .and_then(|mut conn| handlers::apply_batch(&mut conn, batch));
-            match &result {
-                Ok(_) => self.metrics.transaction("committed", batch.len()),
-                Err(DbError::Transient(_)) => self.metrics.transaction("transient_error", batch.len()),
-                Err(DbError::Permanent(_)) => self.metrics.transaction("permanent_error", batch.len()),
-            }
+            let result = self.try_apply(batch);
+            let label = match &result {
+                Ok(_) => "committed",
+                Err(e) => match e.class {
+                    ErrorClass::Transient => "transient_error",
+                    ErrorClass::Systemic => "systemic_error",
+                    ErrorClass::Record => "record_error",
+                },
+            };
+            self.metrics.transaction(label, batch.len());
             match result {
-                Err(DbError::Transient(error)) => {
-                    let delay = backoff.next_delay();
-                    log::warn!(error = error, attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64,
-                        records = batch.len(); "database unavailable; retrying the batch");
-                    std::thread::sleep(delay);
+                Ok(result) => {
+                    self.running();
+                    return Ok(result);
                 }
-                other => return other,
+                Err(e) if e.is(ErrorClass::Record) => {
+                    self.running();
+                    return Err(Stop::Refused(e));
+                }
+                Err(e) => self
+                    .wait_out(&e, &mut backoff, batch.len())
+                    .map_err(|()| Stop::Abandoned)?,
             }
         }
     }
+
+    /// One attempt at a batch, in one transaction, with the circuit breaker's last look before it
+    /// commits. A connection that reached a read-only standby is dropped, not pooled.
+    fn try_apply(&self, batch: &[Work]) -> Result<BatchResult, DbError> {
+        let mut conn = self.pool.get()?;
+        let breaker = |result: &BatchResult| {
+            if self.halt.breaker().allows(result.outcomes.iter().map(is_refusal)) {
+                return Ok(());
+            }
+            let last = result.outcomes.iter().rev().find_map(|o| match o {
+                Outcome::DeadLettered(r) if r.reason == Reason::DatabaseRejected => Some(r),
+                _ => None,
+            });
+            let error = DbError {
+                class: ErrorClass::Record,
+                sqlstate: last.and_then(|r| r.sqlstate.clone()),
+                message: last.map_or_else(String::new, |r| r.error.clone()),
+            };
+            Err(self.breaker_error(&error))
+        };
+        let result = handlers::apply_batch(conn.client(), batch, &breaker);
+        if result.as_ref().is_err_and(DbError::is_read_only) {
+            conn.discard();
+        }
+        result
+    }
+
+    /// The systemic error a tripped circuit breaker halts with.
+    fn breaker_error(&self, refusal: &DbError) -> DbError {
+        let breaker = self.halt.breaker();
+        DbError {
+            class: ErrorClass::Systemic,
+            sqlstate: refusal.sqlstate.clone(),
+            message: format!(
+                "{} records in a row refused by the database (DB_REJECT_HALT_AFTER={}); last: {}",
+                breaker.consecutive() + 1,
+                breaker.limit(),
+                refusal.message
+            ),
+        }
+    }
+
+    /// Waits before the next attempt after a transient or systemic failure; a systemic one halts
+    /// the worker. Errs when shutdown comes first.
+    fn wait_out(&self, error: &DbError, backoff: &mut Backoff, records: usize) -> Result<(), ()> {
+        let delay = backoff.next_delay();
+        if error.is(ErrorClass::Systemic) {
+            if self.halt.enter(self.number, error) == Transition::Halted {
+                self.metrics.set_halted(true);
+            }
+        } else {
+            log::warn!(error = error.to_string(), attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64,
+                records; "database unavailable; retrying the batch");
+        }
+        if self.shutdown.sleep(delay) {
+            return Err(());
+        }
+        Ok(())
+    }
+
+    /// The database took this writer's batch: it is no longer halted.
+    fn running(&self) {
+        if self.halt.leave(self.number) == Transition::Resumed {
+            self.metrics.set_halted(false);
+        }
+    }
+}
+
+/// Whether an end is a record the database refused (what the circuit breaker counts).
+fn is_refusal(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::DeadLettered(r) if r.reason == Reason::DatabaseRejected)
 }
 
 /// The log scope of a parked cancellation: the record it came from.
@@ -331,7 +468,8 @@ fn log_outcome(outcome: &Outcome, latency_ms: f64) {
             log::info!(end, latency_ms; "record was dead-lettered before; nothing changed")
         }
         Outcome::DeadLettered(r) => {
-            log::warn!(end, reason = r.reason.as_str(), error = r.error.as_str(), latency_ms; "record dead-lettered")
+            log::warn!(end, reason = r.reason.as_str(), error = r.error.as_str(),
+                sqlstate = r.sqlstate.as_deref().unwrap_or(""), latency_ms; "record dead-lettered")
         }
     }
 }

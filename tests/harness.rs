@@ -8,8 +8,6 @@ use booking_worker::baggage::{self, HeaderBaggage};
 use booking_worker::config::Config;
 use booking_worker::{database, kafka, repository};
 use common::{services, services_from, unique, TestDb, TestProducer};
-use diesel::sql_types::{Integer, Nullable, Text};
-use diesel::{QueryableByName, RunQueryDsl};
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientConfig, ClientContext, Message};
@@ -91,16 +89,6 @@ fn a_baggage_header_survives_the_real_broker_through_a_split_partition_queue() {
     );
 }
 
-#[derive(QueryableByName)]
-struct UserRow {
-    #[diesel(sql_type = Integer)]
-    id: i32,
-    #[diesel(sql_type = Text)]
-    username: String,
-    #[diesel(sql_type = Nullable<Text>)]
-    external_id_type: Option<String>,
-}
-
 #[test]
 fn a_query_round_trips_through_the_r2d2_pool_against_the_schema() {
     let Some(services) = services() else { return };
@@ -108,25 +96,28 @@ fn a_query_round_trips_through_the_r2d2_pool_against_the_schema() {
     let id = db.user("pool@example.com", "pool_user");
     let vars: Vec<(String, String)> = db.worker_env();
     let config = Config::from_vars(&vars).expect("config");
-    let pool = database::pool(&config.database);
+    let pool = database::Pool::new(&config.database).expect("pool");
     let mut conn = pool.get().expect("a pooled connection");
-    repository::ping(&mut conn).expect("ping");
-    let row: UserRow = diesel::sql_query(
-        "SELECT u.id, u.username,
-                (SELECT data_type::text FROM information_schema.columns
-                  WHERE table_name = 'bookings' AND column_name = 'external_id') AS external_id_type
-           FROM users u WHERE u.id = $1",
-    )
-    .bind::<Integer, _>(id)
-    .get_result(&mut conn)
-    .expect("round trip");
-    assert_eq!(row.id, id);
-    assert_eq!(row.username, "pool_user");
-    assert_eq!(row.external_id_type.as_deref(), Some("character varying"));
+    repository::ping(conn.client()).expect("ping");
+    let row = conn
+        .query_one(
+            "SELECT u.id, u.username::text,
+                    (SELECT data_type::text FROM information_schema.columns
+                      WHERE table_name = 'bookings' AND column_name = 'external_id') AS external_id_type
+               FROM users u WHERE u.id = $1",
+            &[&id],
+        )
+        .expect("round trip");
+    assert_eq!(row.get::<_, i32>(0), id);
+    assert_eq!(row.get::<_, String>(1), "pool_user");
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("character varying"));
     assert_eq!(
-        repository::resolve_user_ids(&mut conn, &["pool_user", "pool@example.com", &id.to_string(), "nobody"])
-            .expect("resolve")
-            .len(),
+        repository::resolve_user_ids(
+            conn.client(),
+            &["pool_user", "pool@example.com", &id.to_string(), "nobody"]
+        )
+        .expect("resolve")
+        .len(),
         3
     );
 }
@@ -136,11 +127,25 @@ fn migrations_are_idempotent_and_refuse_a_database_without_the_schema() {
     let Some(services) = services() else { return };
     let db = TestDb::create(&services, "migrate");
     let mut conn = db.conn();
-    assert!(repository::migrate(&mut conn).expect("second run").is_empty());
+    let lock_timeout = Duration::from_secs(2);
+    assert!(repository::migrate(&mut conn, lock_timeout)
+        .expect("second run")
+        .is_empty());
+    assert!(repository::pending(&mut conn).unwrap().is_empty());
+    db.exec("DELETE FROM booking_worker.schema_migrations WHERE version = 2");
+    assert_eq!(repository::pending(&mut conn).unwrap(), ["0002_dead_letter_sqlstate"]);
+    assert_eq!(
+        repository::migrate(&mut conn, lock_timeout).expect("a statement runs twice"),
+        ["0002_dead_letter_sqlstate"]
+    );
     db.exec("DROP TABLE bookings CASCADE");
-    let err = repository::migrate(&mut conn).expect_err("bookings is missing");
-    assert!(err.to_string().contains("bookings"), "{err}");
-    assert!(!err.is_transient());
+    db.exec("DELETE FROM booking_worker.schema_migrations");
+    let err = repository::migrate(&mut conn, lock_timeout).expect_err("bookings is missing");
+    let repository::MigrateError::Database(err) = err else {
+        panic!("not a database error: {err:?}")
+    };
+    assert!(err.message.contains("bookings"), "{err}");
+    assert_eq!(err.class, booking_worker::database::ErrorClass::Systemic);
 }
 
 #[test]

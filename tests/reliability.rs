@@ -14,8 +14,6 @@ use booking_worker::loadgen::{plan, Expected, ExpectedBooking, PlanConfig, Topic
 use booking_worker::models::{EventKind, Reason};
 use chrono::{DateTime, Utc};
 use common::{CuttableProxy, Services, Setup, TestDb, TestProducer, WorkerProcess, WAIT};
-use diesel::sql_types::{BigInt, Bytea, Double, Integer, Nullable, Text, Timestamptz};
-use diesel::{QueryableByName, RunQueryDsl};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
@@ -573,50 +571,45 @@ fn caught_up(consumer: &BaseConsumer, topics: &[&str]) -> Option<bool> {
 /// Seconds from `after` to the first durable write the worker made after it: a booking created
 /// or cancelled, a dead letter, a parked cancellation. None when nothing was written after it.
 fn first_write_after(db: &TestDb, after: DateTime<Utc>) -> Option<f64> {
-    #[derive(QueryableByName)]
-    struct Secs {
-        #[diesel(sql_type = Nullable<Double>)]
-        s: Option<f64>,
-    }
-    let row: Secs = diesel::sql_query(
-        "SELECT extract(epoch FROM least(
-                    (SELECT min(created_at) FROM bookings WHERE created_at > $1),
-                    (SELECT min(updated_at) FROM bookings WHERE updated_at > $1),
+    // booking-management's columns are TIMESTAMP without time zone, in the server's zone.
+    db.conn()
+        .query_one(
+            "SELECT extract(epoch FROM least(
+                    (SELECT min(created_at::timestamptz) FROM bookings WHERE created_at::timestamptz > $1),
+                    (SELECT min(updated_at::timestamptz) FROM bookings WHERE updated_at::timestamptz > $1),
                     (SELECT min(created_at) FROM booking_worker.dead_letters WHERE created_at > $1),
                     (SELECT min(parked_at) FROM booking_worker.pending_cancellations WHERE parked_at > $1))
                 - $1)::float8 AS s",
-    )
-    .bind::<Timestamptz, _>(after)
-    .get_result(&mut db.conn())
-    .expect("time of the first write after a fault");
-    row.s
+            &[&after],
+        )
+        .expect("time of the first write after a fault")
+        .get(0)
 }
 
 /// The longest pause between durable writes from `from` to the last write: how long the worker
 /// stood still at worst (a fault's outage plus its recovery).
 fn longest_write_pause(db: &TestDb, from: DateTime<Utc>) -> f64 {
-    #[derive(QueryableByName)]
-    struct At {
-        #[diesel(sql_type = Double)]
-        t: f64,
-    }
-    let times: Vec<At> = diesel::sql_query(
-        "SELECT DISTINCT extract(epoch FROM t)::float8 AS t FROM (
-                SELECT created_at AS t FROM bookings
-                UNION ALL SELECT updated_at FROM bookings WHERE updated_at > created_at
+    let times: Vec<f64> = db
+        .conn()
+        .query(
+            "SELECT DISTINCT extract(epoch FROM t)::float8 AS t FROM (
+                SELECT created_at::timestamptz AS t FROM bookings
+                UNION ALL SELECT updated_at::timestamptz FROM bookings WHERE updated_at > created_at
                 UNION ALL SELECT created_at FROM booking_worker.dead_letters
                 UNION ALL SELECT parked_at FROM booking_worker.pending_cancellations) AS w
           WHERE t >= $1 ORDER BY 1",
-    )
-    .bind::<Timestamptz, _>(from)
-    .load(&mut db.conn())
-    .expect("times of the writes");
+            &[&from],
+        )
+        .expect("times of the writes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let start = from.timestamp_micros() as f64 / 1e6;
     let mut last = start;
     let mut longest: f64 = 0.0;
-    for at in times {
-        longest = longest.max(at.t - last);
-        last = at.t;
+    for t in times {
+        longest = longest.max(t - last);
+        last = t;
     }
     longest
 }
@@ -641,33 +634,20 @@ fn warnings(logs: &[WorkerLog]) -> Vec<(usize, String)> {
     out
 }
 
-#[derive(QueryableByName)]
 struct BookingCmp {
-    #[diesel(sql_type = Integer)]
     id: i32,
-    #[diesel(sql_type = Nullable<Text>)]
     external_id: Option<String>,
-    #[diesel(sql_type = Integer)]
     user_id: i32,
-    #[diesel(sql_type = Integer)]
     room_id: i32,
-    #[diesel(sql_type = Text)]
     status: String,
 }
 
-#[derive(QueryableByName)]
 struct LetterCmp {
-    #[diesel(sql_type = BigInt)]
     id: i64,
-    #[diesel(sql_type = Nullable<Text>)]
     booking_id: Option<String>,
-    #[diesel(sql_type = Nullable<Bytea>)]
     record_key: Option<Vec<u8>>,
-    #[diesel(sql_type = Text)]
     reason: String,
-    #[diesel(sql_type = Text)]
     topic: String,
-    #[diesel(sql_type = BigInt)]
     kafka_offset: i64,
 }
 
@@ -684,10 +664,21 @@ fn compare(db: &TestDb, world: &World, expected: &Expected, events: usize) -> Fi
         ..Figures::default()
     };
     let mut conn = db.conn();
-    let rows: Vec<BookingCmp> =
-        diesel::sql_query("SELECT id, external_id, user_id, room_id, status FROM bookings ORDER BY id")
-            .load(&mut conn)
-            .expect("read bookings");
+    let rows: Vec<BookingCmp> = conn
+        .query(
+            "SELECT id, external_id::text, user_id, room_id, status::text FROM bookings ORDER BY id",
+            &[],
+        )
+        .expect("read bookings")
+        .iter()
+        .map(|r| BookingCmp {
+            id: r.get(0),
+            external_id: r.get(1),
+            user_id: r.get(2),
+            room_id: r.get(3),
+            status: r.get(4),
+        })
+        .collect();
     let mut by_external: HashMap<&str, Vec<&BookingCmp>> = HashMap::new();
     for row in &rows {
         match &row.external_id {
@@ -731,12 +722,23 @@ fn compare(db: &TestDb, world: &World, expected: &Expected, events: usize) -> Fi
         }
     }
 
-    let letters: Vec<LetterCmp> = diesel::sql_query(
-        "SELECT id, booking_id, record_key, reason, topic, kafka_offset
-           FROM booking_worker.dead_letters ORDER BY id",
-    )
-    .load(&mut conn)
-    .expect("read dead letters");
+    let letters: Vec<LetterCmp> = conn
+        .query(
+            "SELECT id, booking_id, record_key, reason, topic, kafka_offset
+               FROM booking_worker.dead_letters ORDER BY id",
+            &[],
+        )
+        .expect("read dead letters")
+        .iter()
+        .map(|r| LetterCmp {
+            id: r.get(0),
+            booking_id: r.get(1),
+            record_key: r.get(2),
+            reason: r.get(3),
+            topic: r.get(4),
+            kafka_offset: r.get(5),
+        })
+        .collect();
     f.dead_lettered = letters.len();
     let mut keyed_expected: BTreeMap<(String, &str), usize> = BTreeMap::new();
     for (id, reason) in &expected.dead_letter_ids {
@@ -890,25 +892,18 @@ fn postgres_refusing_connections_then_terminating_backends_loses_and_doubles_not
     let mut admin = sc.setup.db.conn();
     let until = Instant::now() + outage;
     let (mut terminated, mut in_transaction) = (0i64, 0i64);
-    #[derive(QueryableByName)]
-    struct Killed {
-        #[diesel(sql_type = BigInt)]
-        n_all: i64,
-        #[diesel(sql_type = BigInt)]
-        n_busy: i64,
-    }
     while Instant::now() < until {
-        let k: Killed = diesel::sql_query(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n_all,
-                    count(*) FILTER (WHERE state <> 'idle') AS n_busy
-               FROM pg_stat_activity
-              WHERE datname = $1 AND application_name = 'booking-worker' AND pid <> pg_backend_pid()",
-        )
-        .bind::<Text, _>(sc.setup.db.name.as_str())
-        .get_result(&mut admin)
-        .expect("terminate the worker's backends");
-        terminated += k.n_all;
-        in_transaction += k.n_busy;
+        let k = admin
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) AS n_all,
+                        count(*) FILTER (WHERE state <> 'idle') AS n_busy
+                   FROM pg_stat_activity
+                  WHERE datname = $1 AND application_name = 'booking-worker' AND pid <> pg_backend_pid()",
+                &[&sc.setup.db.name],
+            )
+            .expect("terminate the worker's backends");
+        terminated += k.get::<_, i64>(0);
+        in_transaction += k.get::<_, i64>(1);
         std::thread::sleep(Duration::from_millis(100));
     }
     sc.fault_ended(format!(
@@ -1099,7 +1094,8 @@ fn hostile_records(
     let meta_user = format!("user {META}");
     let meta_email = format!("o'brien+\"{META}\"@例え.jp");
     let meta_user_id = db.user(&meta_email, &meta_user);
-    let meta_room = format!("room {META}");
+    // booking-management's rooms.internal_id is VARCHAR(50).
+    let meta_room: String = format!("room {META}").chars().take(50).collect();
     let meta_room_id = db.room(&meta_room);
     let users = world.users();
     let owner = users[0].clone();

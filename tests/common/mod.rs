@@ -3,10 +3,7 @@
 //! log lines captured, and a TCP proxy that can cut the database away.
 #![allow(dead_code)]
 
-use diesel::connection::SimpleConnection;
-use diesel::pg::PgConnection;
-use diesel::sql_types::{BigInt, Integer, Nullable, Text};
-use diesel::{Connection, QueryableByName, RunQueryDsl};
+use postgres::{Client, NoTls, Row};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
@@ -109,73 +106,95 @@ pub struct TestDb {
 
 impl TestDb {
     pub fn create(services: &Services, tag: &str) -> TestDb {
-        let name = unique(&format!("bw_{tag}")).to_lowercase();
-        let mut admin = PgConnection::establish(&services.url(&services.db_name)).expect("connect to PostgreSQL");
-        admin
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .expect("create test database");
-        let db = TestDb {
-            services: services.clone(),
-            name,
-        };
-        let mut conn = db.conn();
-        conn.batch_execute(include_str!("../../sql/schema.sql"))
-            .expect("load schema.sql");
-        booking_worker::repository::migrate(&mut conn).expect("worker migrations");
+        let db = TestDb::create_empty(services, tag);
+        db.exec(include_str!("../../sql/schema.sql"));
+        booking_worker::repository::migrate(&mut db.conn(), Duration::from_secs(2)).expect("worker migrations");
         db
     }
 
-    pub fn conn(&self) -> PgConnection {
-        PgConnection::establish(&self.services.url(&self.name)).expect("connect to the test database")
+    /// A database of its own with nothing in it.
+    pub fn create_empty(services: &Services, tag: &str) -> TestDb {
+        let name = unique(&format!("bw_{tag}")).to_lowercase();
+        let mut admin = services.connect(&services.db_name);
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .expect("create test database");
+        TestDb {
+            services: services.clone(),
+            name,
+        }
+    }
+
+    pub fn conn(&self) -> Client {
+        self.services.connect(&self.name)
     }
 
     pub fn exec(&self, sql: &str) {
-        self.conn().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.conn()
+            .batch_execute(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {}", why(e)));
+    }
+
+    /// The rows of a query without parameters.
+    pub fn rows(&self, sql: &str) -> Vec<Row> {
+        self.conn()
+            .query(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {}", why(e)))
+    }
+
+    /// The one value a query returns.
+    pub fn value<T: for<'a> postgres::types::FromSql<'a>>(&self, sql: &str) -> T {
+        self.conn()
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {}", why(e)))
+            .get(0)
     }
 
     /// Inserts a user and returns its id.
     pub fn user(&self, email: &str, username: &str) -> i32 {
-        #[derive(QueryableByName)]
-        struct Id {
-            #[diesel(sql_type = Integer)]
-            id: i32,
-        }
-        let row: Id = diesel::sql_query(
-            "INSERT INTO users (email, username, name, surname) VALUES ($1, $2, 'Test', 'User') RETURNING id",
-        )
-        .bind::<Text, _>(email)
-        .bind::<Text, _>(username)
-        .get_result(&mut self.conn())
-        .expect("insert user");
-        row.id
+        self.conn()
+            .query_one(
+                "INSERT INTO users (email, username, date_of_birth, name, surname)
+                 VALUES ($1, $2, '1990-01-01', 'Test', 'User') RETURNING id",
+                &[&email, &username],
+            )
+            .expect("insert user")
+            .get(0)
     }
 
     /// Inserts a room and returns its id.
     pub fn room(&self, internal_id: &str) -> i32 {
-        #[derive(QueryableByName)]
-        struct Id {
-            #[diesel(sql_type = Integer)]
-            id: i32,
-        }
-        let row: Id = diesel::sql_query(
-            "INSERT INTO rooms (internal_id, name, floor, bathrooms, beds, capacity)
-             VALUES ($1, 'Room', 1, 1, 2, 4) RETURNING id",
-        )
-        .bind::<Text, _>(internal_id)
-        .get_result(&mut self.conn())
-        .expect("insert room");
-        row.id
+        self.conn()
+            .query_one(
+                "INSERT INTO rooms (internal_id, name, floor, bathrooms, beds, capacity)
+                 VALUES ($1, 'Room', 1, 1, 2, 4) RETURNING id",
+                &[&internal_id],
+            )
+            .expect("insert room")
+            .get(0)
     }
 
     pub fn bookings(&self) -> Vec<BookingRow> {
-        diesel::sql_query(
+        self.rows(
             "SELECT id, user_id, room_id, number_of_guests, start_date::text AS start_date,
-                    end_date::text AS end_date, payment_id, status, external_id,
-                    (updated_at > created_at) AS updated
+                    end_date::text AS end_date, payment_id::text AS payment_id, status::text AS status,
+                    external_id::text AS external_id, (updated_at > created_at) AS updated
                FROM bookings ORDER BY id",
         )
-        .load(&mut self.conn())
-        .expect("read bookings")
+        .iter()
+        .map(|r| BookingRow {
+            id: r.get("id"),
+            user_id: r.get("user_id"),
+            room_id: r.get("room_id"),
+            number_of_guests: r.get("number_of_guests"),
+            start_date: r.get("start_date"),
+            end_date: r.get("end_date"),
+            payment_id: r.get("payment_id"),
+            status: r.get("status"),
+            external_id: r.get("external_id"),
+            updated: r.get("updated"),
+        })
+        .collect()
     }
 
     pub fn booking(&self, external_id: &str) -> Option<BookingRow> {
@@ -185,36 +204,36 @@ impl TestDb {
     }
 
     pub fn dead_letters(&self) -> Vec<DeadLetterRow> {
-        diesel::sql_query(
+        self.rows(
             "SELECT topic, kafka_partition, kafka_offset, booking_id, reason, error, baggage,
-                    octet_length(payload)::bigint AS payload_len
+                    sqlstate::text AS sqlstate, octet_length(payload)::bigint AS payload_len
                FROM booking_worker.dead_letters ORDER BY id",
         )
-        .load(&mut self.conn())
-        .expect("read dead letters")
+        .iter()
+        .map(|r| DeadLetterRow {
+            topic: r.get("topic"),
+            kafka_partition: r.get("kafka_partition"),
+            kafka_offset: r.get("kafka_offset"),
+            booking_id: r.get("booking_id"),
+            reason: r.get("reason"),
+            error: r.get("error"),
+            baggage: r.get("baggage"),
+            sqlstate: r.get("sqlstate"),
+            payload_len: r.get("payload_len"),
+        })
+        .collect()
     }
 
     pub fn parked(&self) -> Vec<String> {
-        #[derive(QueryableByName)]
-        struct Ref {
-            #[diesel(sql_type = Text)]
-            booking_ref: String,
-        }
-        let rows: Vec<Ref> =
-            diesel::sql_query("SELECT booking_ref FROM booking_worker.pending_cancellations ORDER BY id")
-                .load(&mut self.conn())
-                .expect("read parked cancellations");
-        rows.into_iter().map(|r| r.booking_ref).collect()
+        self.rows("SELECT booking_ref FROM booking_worker.pending_cancellations ORDER BY id")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     /// Everything the worker writes, as comparable text: bookings, dead letters, parked rows.
     pub fn snapshot(&self) -> String {
-        #[derive(QueryableByName)]
-        struct Snap {
-            #[diesel(sql_type = Text)]
-            s: String,
-        }
-        let row: Snap = diesel::sql_query(
+        self.value(
             "SELECT concat_ws(E'\\n',
                 (SELECT string_agg(concat_ws('|', id, user_id, room_id, number_of_guests, start_date, end_date,
                                              payment_id, status, external_id, created_at, updated_at), E'\\n' ORDER BY id)
@@ -224,9 +243,6 @@ impl TestDb {
                 (SELECT string_agg(concat_ws('|', id, booking_ref, kafka_offset), E'\\n' ORDER BY id)
                    FROM booking_worker.pending_cancellations)) AS s",
         )
-        .get_result(&mut self.conn())
-        .expect("snapshot");
-        row.s
     }
 
     /// Worker environment pointing at this database.
@@ -243,9 +259,14 @@ impl TestDb {
     }
 }
 
+/// A database error with the server's message and SQLSTATE.
+pub fn why(e: postgres::Error) -> String {
+    booking_worker::database::DbError::from(e).to_string()
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Ok(mut admin) = PgConnection::establish(&self.services.url(&self.services.db_name)) {
+        if let Ok(mut admin) = Client::connect(&self.services.url(&self.services.db_name), NoTls) {
             let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
         }
     }
@@ -258,49 +279,37 @@ impl Services {
             self.db_host, self.db_port, self.db_user, self.db_password, db
         )
     }
+
+    /// A plain connection to one database, as the superuser the tests run as.
+    pub fn connect(&self, db: &str) -> Client {
+        Client::connect(&self.url(db), NoTls).unwrap_or_else(|e| panic!("connect to PostgreSQL database {db}: {e}"))
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BookingRow {
-    #[diesel(sql_type = Integer)]
     pub id: i32,
-    #[diesel(sql_type = Integer)]
     pub user_id: i32,
-    #[diesel(sql_type = Integer)]
     pub room_id: i32,
-    #[diesel(sql_type = Integer)]
     pub number_of_guests: i32,
-    #[diesel(sql_type = Text)]
     pub start_date: String,
-    #[diesel(sql_type = Text)]
     pub end_date: String,
-    #[diesel(sql_type = Nullable<Text>)]
     pub payment_id: Option<String>,
-    #[diesel(sql_type = Text)]
     pub status: String,
-    #[diesel(sql_type = Nullable<Text>)]
     pub external_id: Option<String>,
-    #[diesel(sql_type = diesel::sql_types::Bool)]
     pub updated: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterRow {
-    #[diesel(sql_type = Text)]
     pub topic: String,
-    #[diesel(sql_type = Integer)]
     pub kafka_partition: i32,
-    #[diesel(sql_type = BigInt)]
     pub kafka_offset: i64,
-    #[diesel(sql_type = Nullable<Text>)]
     pub booking_id: Option<String>,
-    #[diesel(sql_type = Text)]
     pub reason: String,
-    #[diesel(sql_type = Text)]
     pub error: String,
-    #[diesel(sql_type = Nullable<Text>)]
     pub baggage: Option<String>,
-    #[diesel(sql_type = BigInt)]
+    pub sqlstate: Option<String>,
     pub payload_len: i64,
 }
 
