@@ -2,8 +2,11 @@
 # Install what building and testing booking-worker needs on Debian/Ubuntu:
 #   - C toolchain for the bundled librdkafka/zstd build: make gcc g++ pkg-config zlib1g-dev
 #     libssl-dev (Kafka TLS and SASL through the system OpenSSL)
-#   - libpq-dev (the worker links the system libpq, found through pkg-config)
 #   - PostgreSQL server binaries (throwaway test cluster, scripts/postgres.sh)
+#   - the locales package and the de_DE.UTF-8 locale (generated with localedef
+#     when missing): tests run PostgreSQL with lc_messages in German to prove
+#     that the worker classifies errors by SQLSTATE, never by message text;
+#     the server translates its messages only into a locale the C library has
 #   - Java 17+ and Maven (the test Kafka broker, scripts/kafka.sh)
 #   - rustup components rustfmt and clippy
 # Idempotent and quick when everything is present: each item is checked first,
@@ -13,7 +16,7 @@
 #   (as root to install; otherwise it only checks and lists what is missing)
 #
 #   --build-only   only what building the binary needs (the first two items:
-#                  make gcc g++ pkg-config zlib1g-dev libssl-dev libpq-dev); nothing for
+#                  make gcc g++ pkg-config zlib1g-dev libssl-dev); nothing for
 #                  the test services, no rustup components. The Dockerfile's
 #                  build stage runs this, so the image is built with exactly
 #                  the packages CI builds with. cargo itself is not installed
@@ -53,7 +56,7 @@ for pair in make:make gcc:gcc g++:g++ pkg-config:pkg-config; do
     fi
 done
 
-for pkg in zlib1g-dev libssl-dev libpq-dev; do
+for pkg in zlib1g-dev libssl-dev; do
     if ! deb_installed "$pkg"; then
         missing+=("$pkg")
     fi
@@ -79,6 +82,10 @@ if [[ "$build_only" -eq 0 ]]; then
     if ! have mvn; then
         missing+=(maven)
     fi
+    # German server messages for the tests (see the header).
+    if ! deb_installed locales; then
+        missing+=(locales)
+    fi
 fi
 
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -98,6 +105,28 @@ if [[ "$build_only" -eq 1 ]]; then
     have cargo || warn "cargo not found: install Rust with rustup (https://rustup.rs) before building"
     log "done (--build-only)"
     exit 0
+fi
+
+# The de_DE.UTF-8 locale (`locale -a` spells it de_DE.utf8).
+have_de_locale() {
+    grep -qi '^de_DE\.utf8$' <<<"$(locale -a 2>/dev/null || true)"
+}
+if have_de_locale; then
+    log "locale de_DE.UTF-8: present"
+elif is_root; then
+    log "generating locale de_DE.UTF-8"
+    # localedef may exit non-zero for mere warnings: the check below decides.
+    localedef -i de_DE -f UTF-8 de_DE.UTF-8 >&2 || true
+    if ! have_de_locale && have locale-gen; then
+        warn "localedef did not create de_DE.UTF-8; trying locale-gen"
+        if ! grep -q '^de_DE\.UTF-8 UTF-8' /etc/locale.gen 2>/dev/null; then
+            echo 'de_DE.UTF-8 UTF-8' >>/etc/locale.gen
+        fi
+        locale-gen >&2 || true
+    fi
+    have_de_locale || die "could not generate the locale de_DE.UTF-8 (tests need German server messages)"
+else
+    die "locale de_DE.UTF-8 missing (tests need German server messages): run this script as root, or: sudo localedef -i de_DE -f UTF-8 de_DE.UTF-8"
 fi
 
 # Rust toolchain components.

@@ -20,6 +20,21 @@
 #   PG_BINDIR     directory with initdb/pg_ctl (default: found automatically)
 #   PG_START_TIMEOUT  seconds pg_ctl waits for startup (default 60)
 #
+# TLS: a throwaway cluster offers TLS (`ssl = on`) with certificates made by
+# the openssl CLI at startup in <cluster root>/tls/, valid for 30 days:
+#   ca.crt        self-signed test CA that signed the server certificate
+#   server.crt    CN=localhost, subjectAltName DNS:localhost, IP:127.0.0.1
+#   other-ca.crt  an unrelated self-signed CA (signed nothing), so a test can
+#                 check that verification against the wrong CA fails
+# (plus ca.key and server.key, mode 0600, owned by the cluster owner). Tests
+# find the CA beside the server certificate: `SHOW ssl_cert_file` -> its
+# directory -> ca.crt, other-ca.crt. The CA files and their directory are
+# world-readable, so a test running as root or as another user can read them.
+# Password (scram-sha-256) login works with and without TLS, so
+# sslmode=disable still connects. Without openssl the cluster starts without
+# TLS (with a warning); a server this script did not start may not offer TLS
+# either, so tests check `SHOW ssl` first.
+#
 # Output: progress goes to stderr. `start` and `env` print, as their last
 # stdout lines, shell-sourceable `export DB_HOST=...` lines for all five DB_
 # variables, e.g.   eval "$(scripts/postgres.sh start)"
@@ -183,6 +198,68 @@ remove_cluster_files() {
     rm -rf "$PG_STATE_DIR"
 }
 
+# Write an openssl config for `req` with subject CN=$2 and the sections for
+# a CA (v3_ca) and a server certificate (v3_server) to file $1.
+write_openssl_config() {
+    local file="$1" cn="$2"
+    cat >"$file" <<EOF
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = $cn
+[v3_ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[v3_server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost, IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+EOF
+}
+
+# Make the test certificates (see the header) in directory $1, which must
+# not exist yet: EC P-256 keys, valid for 30 days. openssl's output goes to
+# $1/openssl.log (kept only on failure). Returns non-zero if any step fails.
+# Every step has its own `|| exit 1`: set -e would be ignored here, as the
+# caller tests the result.
+make_test_certs() {
+    local dir="$1"
+    mkdir "$dir" || return 1
+    (
+        cd "$dir" || exit 1
+        umask 077
+        exec 2>openssl.log
+        days=30
+        for name in ca other-ca; do
+            openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+                -pkeyopt ec_param_enc:named_curve -out "$name.key" >&2 || exit 1
+            write_openssl_config "$name.cnf" "booking-worker test $name" || exit 1
+            openssl req -new -x509 -config "$name.cnf" -extensions v3_ca -key "$name.key" \
+                -sha256 -days "$days" -set_serial "0x$(openssl rand -hex 16)" \
+                -out "$name.crt" >&2 || exit 1
+        done
+        openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 \
+            -pkeyopt ec_param_enc:named_curve -out server.key >&2 || exit 1
+        write_openssl_config server.cnf localhost || exit 1
+        openssl req -new -config server.cnf -key server.key -out server.csr >&2 || exit 1
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key \
+            -set_serial "0x$(openssl rand -hex 16)" -sha256 -days "$days" \
+            -extfile server.cnf -extensions v3_server -out server.crt >&2 || exit 1
+        openssl verify -CAfile ca.crt server.crt >&2 || exit 1
+        # Nothing is signed with other-ca.key: only its certificate is kept.
+        rm -f ./*.cnf server.csr other-ca.key || exit 1
+        chmod 644 ca.crt other-ca.crt server.crt || exit 1
+        chmod 600 ca.key server.key || exit 1
+    ) || return 1
+    rm -f "$dir/openssl.log"
+    chmod 755 "$dir"
+}
+
 # --------------------------------------------------------------------------
 # Throwaway cluster
 
@@ -251,6 +328,29 @@ fsync = on
 logging_collector = off
 log_min_messages = warning
 EOF
+
+    # TLS (see the header). The cluster root becomes traversable (0711, not
+    # listable) so that other users reach tls/; the socket directory stays
+    # private, as local connections are trusted.
+    if ! have openssl; then
+        warn "openssl not found: starting the throwaway cluster without TLS"
+    elif make_test_certs "$root/tls"; then
+        if is_root; then
+            chown -R "$PG_OS_USER:" "$root/tls"
+        fi
+        chmod 700 "$root/socket"
+        chmod 711 "$root"
+        cat >>"$data/postgresql.conf" <<EOF
+ssl = on
+ssl_cert_file = '$root/tls/server.crt'
+ssl_key_file = '$root/tls/server.key'
+EOF
+        log "TLS on; test CA $root/tls/ca.crt"
+    else
+        cat "$root/tls/openssl.log" >&2 || true
+        rm -rf "$root/tls"
+        warn "could not make the test certificates: starting the throwaway cluster without TLS"
+    fi
 
     log "starting PostgreSQL on 127.0.0.1:$port (log $root/postgres.log)"
     if ! as_owner "$bindir/pg_ctl" -D "$data" -l "$root/postgres.log" -w \
