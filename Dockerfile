@@ -9,12 +9,12 @@
 #              (scripts/install-deps.sh --build-only); also the Okteto dev image.
 #   build      compiles the worker with the command scripts/run.sh uses.
 #   runtime    debian:bookworm-slim with the shared libraries the binary links
-#              (libpq5, libssl3, zlib1g) and CA certificates; runs as uid 10001.
+#              (libssl3, zlib1g) and CA certificates; runs as uid 10001.
 #
 # Kafka TLS and SASL (PLAIN, SCRAM-SHA-256/512, OAUTHBEARER) are compiled in
 # through the system OpenSSL: KAFKA_PROP_SECURITY_PROTOCOL=sasl_ssl and friends.
-# Kerberos (GSSAPI) is not. TLS to PostgreSQL comes from libpq (DB_SSLMODE,
-# DB_SSLROOTCERT).
+# Kerberos (GSSAPI) is not. TLS to PostgreSQL goes through the same OpenSSL
+# (DB_SSLMODE, DB_SSLROOTCERT).
 #
 # Stopping: the worker drains on SIGTERM within SHUTDOWN_TIMEOUT_SECS (30 s by
 # default). Docker's own grace period is 10 s, so give it more: `docker run
@@ -57,7 +57,7 @@ LABEL org.opencontainers.image.title="booking-worker" \
 # package, so a pinned version stops resolving at the next security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libpq5 libssl3 zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 booking-worker \
     && useradd --system --uid 10001 --gid booking-worker --no-create-home \
