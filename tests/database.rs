@@ -659,3 +659,33 @@ fn every_thread_of_a_running_worker_is_named() {
     );
     assert_eq!(worker.terminate(WAIT), 0);
 }
+
+#[test]
+fn a_read_only_session_is_dropped_so_that_a_writable_primary_is_picked_up() {
+    // A session opened while the database is read-only stays read-only, as a connection to a
+    // standby does after a failover: only a new connection can write again.
+    let Some(s) = Setup::new("readonly") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let worker = s.start_with("readonly", &[("RETRY_MAX_BACKOFF_MS", "300"), ("WRITER_THREADS", "1")]);
+    book_range(&s, "ro", 0..1, "room_1");
+    s.wait_rows(1);
+    let db = &s.db.name;
+    // From another database: once this one is read-only, its own sessions cannot change that.
+    let mut admin = s.services.connect(&s.services.db_name);
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{db}\" SET default_transaction_read_only = on"))
+        .unwrap();
+    s.db.exec(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = '{db}' AND application_name = 'booking-worker'"
+    ));
+    book_range(&s, "ro", 1..5, "room_1");
+    wait_for("a retried 25006", WAIT, || !retries(&worker, "25006").is_empty());
+    admin
+        .batch_execute(&format!("ALTER DATABASE \"{db}\" SET default_transaction_read_only = off"))
+        .unwrap();
+    s.wait_rows(5);
+    assert!(s.db.dead_letters().is_empty());
+    assert_eq!(worker.terminate(WAIT), 0);
+}
