@@ -213,13 +213,18 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
             payload: row.record.payload.clone(),
             baggage: row.record.baggage.clone(),
             received_at: Instant::now(),
+            produced_at_ms: None,
         };
         let work = match kind.decode(&meta.payload, config.pipeline.max_payload_bytes) {
             Ok(event) => Work::Apply { meta, event },
             Err(rejection) => Work::Reject { meta, rejection },
         };
         let result = pool.get().and_then(|mut conn| {
-            let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), &|_| Ok(()))?;
+            let rules = handlers::Rules {
+                adopt_legacy_rows: config.pipeline.adopt_legacy_rows,
+                before_commit: &|_| Ok(()),
+            };
+            let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules)?;
             let outcome = result.outcomes.into_iter().next();
             match &outcome {
                 Some(Outcome::DeadLettered(r)) => repository::note_replay_failure(

@@ -19,6 +19,8 @@ use std::time::Duration;
 pub enum Outcome {
     /// A booking row was created.
     Created { id: i32 },
+    /// A row the Go worker wrote for this booking was given its external id (nothing else).
+    Adopted { id: i32 },
     /// The booking already existed: a redelivery.
     Duplicate,
     /// The booking went from Accepted to Cancelled.
@@ -38,6 +40,7 @@ impl Outcome {
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Created { .. } => "created",
+            Outcome::Adopted { .. } => "adopted",
             Outcome::Duplicate => "duplicate",
             Outcome::Cancelled { .. } => "cancelled",
             Outcome::AlreadyCancelled { .. } => "already_cancelled",
@@ -72,11 +75,21 @@ enum Origin {
 /// A last look at a batch's outcomes before its transaction commits; an error rolls it back.
 pub type BeforeCommit<'a> = &'a dyn Fn(&BatchResult) -> Result<(), DbError>;
 
+/// How a batch is applied.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    /// Whether a new booking adopts a matching row the Go worker wrote (`ADOPT_LEGACY_ROWS`).
+    pub adopt_legacy_rows: bool,
+    /// The last look before the commit.
+    pub before_commit: BeforeCommit<'a>,
+}
+
 /// Applies a batch in one transaction. Nothing is written unless all of it is, and nothing is
-/// committed that `before_commit` refuses (the writer's circuit breaker looks there).
-pub fn apply_batch(conn: &mut Client, batch: &[Work], before_commit: BeforeCommit<'_>) -> Result<BatchResult, DbError> {
+/// committed that `rules.before_commit` refuses (the writer's circuit breaker looks there).
+pub fn apply_batch(conn: &mut Client, batch: &[Work], rules: Rules<'_>) -> Result<BatchResult, DbError> {
     let mut tx = conn.transaction()?;
-    let result = apply_in_transaction(&mut tx, batch)?;
+    let result = apply_in_transaction(&mut tx, batch, rules.adopt_legacy_rows)?;
+    let before_commit = rules.before_commit;
     before_commit(&result)?;
     tx.commit()?;
     Ok(result)
@@ -122,7 +135,35 @@ fn create_isolating(tx: &mut Transaction<'_>, rows: &[NewBooking<'_>]) -> Result
     Ok((created, refused))
 }
 
-fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work]) -> Result<BatchResult, DbError> {
+/// The rows the Go worker wrote that these bookings adopt: each booking takes the lowest
+/// matching id that no booking before it took.
+fn choose_adoptions<'a>(rows: &[NewBooking<'a>], matches: &HashMap<usize, Vec<i32>>) -> Vec<(i32, &'a str)> {
+    let mut taken = HashSet::new();
+    let mut adoptions = Vec::new();
+    for (k, nb) in rows.iter().enumerate() {
+        let free = matches
+            .get(&k)
+            .and_then(|ids| ids.iter().find(|id| !taken.contains(*id)));
+        if let Some(&id) = free {
+            taken.insert(id);
+            adoptions.push((id, nb.external_id));
+        }
+    }
+    adoptions
+}
+
+/// Adopts the Go worker's rows for the new bookings that match one; returns the row id of each
+/// booking adopted, by external id.
+fn adopt_legacy_rows(
+    conn: &mut Transaction<'_>,
+    new_bookings: &[(usize, NewBooking<'_>)],
+) -> Result<HashMap<String, i32>, DbError> {
+    let rows: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
+    let matches = repository::find_legacy_matches(conn, &rows)?;
+    repository::adopt_bookings(conn, &choose_adoptions(&rows, &matches))
+}
+
+fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work], adopt: bool) -> Result<BatchResult, DbError> {
     let booking_ids = distinct(batch.iter().filter_map(Work::event).map(Event::booking_id));
     repository::lock_booking_ids(conn, &booking_ids)?;
 
@@ -191,11 +232,18 @@ fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work]) -> Result<Ba
                 guests: b.guests,
                 start_date: b.start_date,
                 end_date: b.end_date,
+                start_instant: b.start_instant,
+                end_instant: b.end_instant,
                 payment_id: &b.payment_id,
                 cancelled: false,
             },
         ));
     }
+    let adopted = if adopt {
+        adopt_legacy_rows(conn, &new_bookings)?
+    } else {
+        HashMap::new()
+    };
     // Cancellations parked for this batch's bookings are decided now, before this batch's own.
     let new_refs: Vec<&str> = new_bookings.iter().map(|(_, nb)| nb.external_id).collect();
     let released = repository::take_parked_cancellations(conn, &new_refs)?;
@@ -225,17 +273,23 @@ fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work]) -> Result<Ba
     // A booking that one of these cancellations will cancel is inserted as Cancelled, which saves
     // updating the row it has just written (the usual case when a backlog of cancellations ran
     // ahead of its bookings and was parked).
-    let mut rows: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
+    let mut rows: Vec<NewBooking<'_>> = new_bookings
+        .iter()
+        .filter(|(_, nb)| !adopted.contains_key(nb.external_id))
+        .map(|(_, nb)| nb.clone())
+        .collect();
     let born_cancelled = cancelled_on_insert(&rows, &requests, &users);
     for nb in &mut rows {
         nb.cancelled = born_cancelled.contains(nb.external_id);
     }
     let (created, refused) = create_isolating(conn, &rows)?;
     for (i, nb) in &new_bookings {
-        outcomes[*i] = Some(match (created.get(nb.external_id), refused.get(nb.external_id)) {
-            (Some(&id), _) => Outcome::Created { id },
-            (None, Some(e)) => Outcome::DeadLettered(Rejection::refused(e.sqlstate.as_deref(), &e.message)),
-            (None, None) => Outcome::Duplicate,
+        let x = nb.external_id;
+        outcomes[*i] = Some(match (adopted.get(x), created.get(x), refused.get(x)) {
+            (Some(&id), _, _) => Outcome::Adopted { id },
+            (None, Some(&id), _) => Outcome::Created { id },
+            (None, None, Some(e)) => Outcome::DeadLettered(Rejection::refused(e.sqlstate.as_deref(), &e.message)),
+            (None, None, None) => Outcome::Duplicate,
         });
     }
     // The rows written as Cancelled, by id. The decisions below see them as the Accepted rows they
@@ -529,9 +583,19 @@ mod tests {
             guests: 2,
             start_date: day(1),
             end_date: day(4),
+            start_instant: None,
+            end_instant: None,
             payment_id: "pay",
             cancelled: false,
         }
+    }
+
+    #[test]
+    fn each_booking_adopts_the_lowest_legacy_row_no_booking_before_it_took() {
+        let rows = [booking("a", 1), booking("b", 1), booking("c", 1), booking("d", 1)];
+        let matches: HashMap<usize, Vec<i32>> = [(0, vec![7, 9]), (1, vec![7, 9]), (2, vec![7]), (3, vec![3])].into();
+        assert_eq!(choose_adoptions(&rows, &matches), [(7, "a"), (9, "b"), (3, "d")]);
+        assert!(choose_adoptions(&rows, &HashMap::new()).is_empty());
     }
 
     fn request<'a>(booking_ref: &'a str, user_ref: &'a str) -> CancelRequest<'a> {

@@ -4,7 +4,7 @@
 //! Decoding is pure (no I/O): it turns a raw payload into a valid event or a [`Rejection`] that
 //! says why, so that every record reaches an end.
 
-use chrono::{DateTime, NaiveDate};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use std::fmt;
 
@@ -84,6 +84,11 @@ pub struct BookingEvent {
     pub start_date: NaiveDate,
     /// Check-out day, as written in the event; always after `start_date`.
     pub end_date: NaiveDate,
+    /// The instants, when the dates were written as RFC 3339 timestamps. The Go worker stored
+    /// the instant in a `DATE` column, so the server's time zone picked its day; adopting its rows
+    /// needs that day too.
+    pub start_instant: Option<DateTime<Utc>>,
+    pub end_instant: Option<DateTime<Utc>>,
     pub payment_id: String,
 }
 
@@ -94,8 +99,8 @@ impl BookingEvent {
         let room_id = f.id("roomId")?;
         let payment_id = f.id_within("paymentId", MAX_PAYMENT_ID_LEN)?;
         let guests = f.guests("guests")?;
-        let start_date = f.date("startDate")?;
-        let end_date = f.date("endDate")?;
+        let (start_date, start_instant) = f.date("startDate")?;
+        let (end_date, end_instant) = f.date("endDate")?;
         if end_date <= start_date {
             return Err(Rejection::new(
                 Reason::InvalidDates,
@@ -109,6 +114,8 @@ impl BookingEvent {
             guests,
             start_date,
             end_date,
+            start_instant,
+            end_instant,
             payment_id,
         })
     }
@@ -327,7 +334,8 @@ impl Fields<'_> {
         i32::try_from(n).map_err(|_| Rejection::new(Reason::InvalidGuests, format!("{name} is {n}, too many")))
     }
 
-    fn date(&self, name: &str) -> Result<NaiveDate, Rejection> {
+    /// The day as written, and the instant when it is a timestamp.
+    fn date(&self, name: &str) -> Result<(NaiveDate, Option<DateTime<Utc>>), Rejection> {
         let value = self.present(name)?;
         let Value::String(text) = value else {
             return Err(Rejection::new(
@@ -335,12 +343,16 @@ impl Fields<'_> {
                 format!("{name} must be a date string, got {}", describe(value)),
             ));
         };
-        parse_date(text.trim()).ok_or_else(|| {
+        let day = parse_date(text.trim()).ok_or_else(|| {
             Rejection::new(
                 Reason::InvalidField,
                 format!("{name} {text:?} is neither an RFC 3339 timestamp nor YYYY-MM-DD"),
             )
-        })
+        })?;
+        let instant = DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|t| t.with_timezone(&Utc));
+        Ok((day, instant))
     }
 }
 

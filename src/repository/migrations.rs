@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dead_letter_sqlstate",
         sql: include_str!("../../sql/migrations/0002_dead_letter_sqlstate.sql"),
     },
+    Migration {
+        version: 3,
+        name: "legacy_match_index",
+        sql: include_str!("../../sql/migrations/0003_legacy_match_index.sql"),
+    },
 ];
 
 /// The session advisory lock that serializes migrations across worker instances.

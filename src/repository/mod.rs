@@ -116,10 +116,89 @@ pub struct NewBooking<'a> {
     pub guests: i32,
     pub start_date: NaiveDate,
     pub end_date: NaiveDate,
+    /// The event's instants, when its dates were timestamps (for adopting the Go worker's rows).
+    pub start_instant: Option<DateTime<Utc>>,
+    pub end_instant: Option<DateTime<Utc>>,
     pub payment_id: &'a str,
     /// Written as Cancelled rather than Accepted: a cancellation in the same transaction, decided
     /// by the cancellation rules, cancels it.
     pub cancelled: bool,
+}
+
+/// For each booking (by index), the ids of the rows the Go worker wrote that it matches, lowest
+/// first: no external id; the same user, room, guests and payment id; each date either as written
+/// or as the day the server's time zone gives the event's instant (the Go worker bound the
+/// instant to a `DATE` column). Bookings whose external id already has a row get none.
+pub fn find_legacy_matches<C: GenericClient>(
+    conn: &mut C,
+    bookings: &[NewBooking<'_>],
+) -> Result<HashMap<usize, Vec<i32>>, DbError> {
+    if bookings.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let index: Vec<i32> = (0..bookings.len() as i32).collect();
+    let users: Vec<i32> = bookings.iter().map(|b| b.user_id).collect();
+    let rooms: Vec<i32> = bookings.iter().map(|b| b.room_id).collect();
+    let guests: Vec<i32> = bookings.iter().map(|b| b.guests).collect();
+    let payments: Vec<&str> = bookings.iter().map(|b| b.payment_id).collect();
+    let starts: Vec<NaiveDate> = bookings.iter().map(|b| b.start_date).collect();
+    let start_instants: Vec<Option<DateTime<Utc>>> = bookings.iter().map(|b| b.start_instant).collect();
+    let ends: Vec<NaiveDate> = bookings.iter().map(|b| b.end_date).collect();
+    let end_instants: Vec<Option<DateTime<Utc>>> = bookings.iter().map(|b| b.end_instant).collect();
+    let externals: Vec<&str> = bookings.iter().map(|b| b.external_id).collect();
+    let rows = query(
+        conn,
+        "SELECT t.i, array_agg(b.id ORDER BY b.id) AS ids
+           FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::integer[], $5::text[],
+                       $6::date[], $7::timestamptz[], $8::date[], $9::timestamptz[], $10::text[])
+                AS t(i, u, r, g, p, s, si, e, ei, x)
+           JOIN bookings b
+             ON b.external_id IS NULL AND b.room_id = t.r AND b.user_id = t.u
+            AND b.number_of_guests = t.g AND b.payment_id = t.p
+            AND (b.start_date = t.s OR b.start_date = t.si::date)
+            AND (b.end_date = t.e OR b.end_date = t.ei::date)
+          WHERE NOT EXISTS (SELECT 1 FROM bookings x WHERE x.external_id = t.x)
+          GROUP BY t.i",
+        &[
+            (&index, Type::INT4_ARRAY),
+            (&users, Type::INT4_ARRAY),
+            (&rooms, Type::INT4_ARRAY),
+            (&guests, Type::INT4_ARRAY),
+            (&payments, Type::TEXT_ARRAY),
+            (&starts, Type::DATE_ARRAY),
+            (&start_instants, Type::TIMESTAMPTZ_ARRAY),
+            (&ends, Type::DATE_ARRAY),
+            (&end_instants, Type::TIMESTAMPTZ_ARRAY),
+            (&externals, Type::TEXT_ARRAY),
+        ],
+    )?;
+    rows.iter()
+        .map(|r| Ok((get::<i32>(r, "i")? as usize, get(r, "ids")?)))
+        .collect()
+}
+
+/// Sets the external id of rows the Go worker wrote, and nothing else. A row another transaction
+/// adopted meanwhile is left alone. Returns the row id of each external id adopted.
+pub fn adopt_bookings<C: GenericClient>(
+    conn: &mut C,
+    adoptions: &[(i32, &str)],
+) -> Result<HashMap<String, i32>, DbError> {
+    if adoptions.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<i32> = adoptions.iter().map(|(id, _)| *id).collect();
+    let externals: Vec<&str> = adoptions.iter().map(|(_, x)| *x).collect();
+    let rows = query(
+        conn,
+        "UPDATE bookings b SET external_id = t.x
+           FROM unnest($1::integer[], $2::text[]) AS t(id, x)
+          WHERE b.id = t.id AND b.external_id IS NULL
+         RETURNING b.id, b.external_id::text AS external_id",
+        &[(&ids, Type::INT4_ARRAY), (&externals, Type::TEXT_ARRAY)],
+    )?;
+    rows.iter()
+        .map(|r| Ok((get(r, "external_id")?, get(r, "id")?)))
+        .collect()
 }
 
 /// Creates bookings with status Accepted, or Cancelled for those marked so. A booking whose external
