@@ -119,6 +119,42 @@ pub struct KafkaConfig {
     /// librdkafka properties: the worker's defaults first, then the `KAFKA_PROP_*` pass-through,
     /// which wins.
     pub properties: Vec<(String, String)>,
+    /// Where a partition without a committed offset starts.
+    pub start_from: StartFrom,
+    /// How long the first start waits for the subscribed topics' partitions to be known.
+    pub topic_wait: Duration,
+}
+
+/// `KAFKA_START_FROM`: where a partition that has no committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The earliest retained record (the default).
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+    /// The first record at or after this time (through the broker's offsets-for-times).
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+impl StartFrom {
+    fn parse(value: &str) -> Option<StartFrom> {
+        match value {
+            "" | "earliest" => Some(StartFrom::Earliest),
+            "latest" => Some(StartFrom::Latest),
+            other => chrono::DateTime::parse_from_rfc3339(other)
+                .ok()
+                .map(|t| StartFrom::Time(t.with_timezone(&chrono::Utc))),
+        }
+    }
+
+    /// librdkafka's `auto.offset.reset` for it. A time sets each such partition's offset itself,
+    /// and falls back to the end when no record is that recent.
+    pub fn offset_reset(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest | StartFrom::Time(_) => "latest",
+        }
+    }
 }
 
 /// The writer pool and the pipeline between consumer and writers.
@@ -130,6 +166,9 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     pub max_payload_bytes: usize,
     pub retry_max_backoff: Duration,
+    /// Whether a booking adopts a matching row the Go worker wrote (no external id) instead of
+    /// inserting a second one.
+    pub adopt_legacy_rows: bool,
     /// Consecutive records refused by the database after which the worker halts instead of
     /// dead-lettering more; zero never halts for this.
     pub reject_halt_after: u32,
@@ -257,6 +296,16 @@ pub const VARIABLES: &[Variable] = &[
         help: "topic of cancellations",
     },
     Variable {
+        name: "KAFKA_START_FROM",
+        default: "earliest",
+        help: "where a partition without a committed offset starts: earliest, latest or an RFC 3339 time",
+    },
+    Variable {
+        name: "KAFKA_TOPIC_WAIT_SECS",
+        default: "60",
+        help: "how long the start waits for the subscribed topics' partitions before giving up (exit 5)",
+    },
+    Variable {
         name: "KAFKA_QUEUED_MAX_KBYTES",
         default: "256",
         help: "librdkafka prefetch buffer per partition, KiB",
@@ -320,6 +369,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "RETRY_MAX_BACKOFF_MS",
         default: "5000",
         help: "cap of the backoff between database retries",
+    },
+    Variable {
+        name: "ADOPT_LEGACY_ROWS",
+        default: "true",
+        help: "a booking adopts the matching row the Go worker wrote instead of inserting it again",
     },
     Variable {
         name: "REBALANCE_DRAIN_TIMEOUT_SECS",
@@ -470,6 +524,17 @@ impl Config {
             booking_topic: env.text("KAFKA_BOOKING_TOPIC", "booking-events")?,
             cancellation_topic: env.text("KAFKA_CANCELLATION_TOPIC", "booking-cancellations")?,
             properties,
+            start_from: {
+                let value = env.raw("KAFKA_START_FROM").unwrap_or("").trim();
+                StartFrom::parse(value).ok_or_else(|| {
+                    invalid(
+                        "KAFKA_START_FROM",
+                        value,
+                        "earliest, latest, or an RFC 3339 time such as 2025-01-15T00:00:00Z",
+                    )
+                })?
+            },
+            topic_wait: Duration::from_secs(env.number("KAFKA_TOPIC_WAIT_SECS", 60u64, 1, 86_400)?),
         };
         if kafka.booking_topic == kafka.cancellation_topic {
             return Err(invalid(
@@ -487,6 +552,7 @@ impl Config {
             max_payload_bytes: env.number("MAX_PAYLOAD_BYTES", 65_536usize, 256, 64 << 20)?,
             retry_max_backoff: Duration::from_millis(env.number("RETRY_MAX_BACKOFF_MS", 5_000u64, 10, 600_000)?),
             reject_halt_after: env.number("DB_REJECT_HALT_AFTER", 25u32, 0, 1_000_000)?,
+            adopt_legacy_rows: env.boolean("ADOPT_LEGACY_ROWS", true)?,
             rebalance_drain_timeout: Duration::from_secs(env.number("REBALANCE_DRAIN_TIMEOUT_SECS", 30u64, 0, 3600)?),
             pending_cancellation_ttl: Duration::from_secs(env.number(
                 "PENDING_CANCELLATION_TTL_SECS",
@@ -566,6 +632,16 @@ impl Env<'_> {
             None | Some("") => Ok(default.to_string()),
             Some(v) if v.chars().any(char::is_control) => Err(invalid(name, v, "text without control characters")),
             Some(v) => Ok(v.to_string()),
+        }
+    }
+
+    /// `true` or `false` (also 1/0, yes/no, on/off); unset or empty gives the default.
+    fn boolean(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(_) => Err(invalid(name, self.raw(name).unwrap_or(""), "true or false")),
         }
     }
 
@@ -658,6 +734,27 @@ mod tests {
             assert_eq!(err.expected, expected);
             assert!(err.to_string().contains(name), "{err}");
         }
+    }
+
+    #[test]
+    fn the_start_position_is_earliest_latest_or_a_time() {
+        let start = |v: &str| Config::from_vars(&vars(&[("KAFKA_START_FROM", v)])).map(|c| c.kafka.start_from);
+        assert_eq!(start(""), Ok(StartFrom::Earliest));
+        assert_eq!(start("latest"), Ok(StartFrom::Latest));
+        let at = chrono::DateTime::parse_from_rfc3339("2025-01-15T10:00:00Z").unwrap();
+        assert_eq!(start("2025-01-15T11:00:00+01:00"), Ok(StartFrom::Time(at.into())));
+        assert_eq!(start("yesterday").unwrap_err().variable, "KAFKA_START_FROM");
+        assert_eq!(StartFrom::Earliest.offset_reset(), "earliest");
+        assert_eq!(StartFrom::Time(at.into()).offset_reset(), "latest");
+    }
+
+    #[test]
+    fn adoption_is_on_unless_turned_off() {
+        let adopt =
+            |v: &str| Config::from_vars(&vars(&[("ADOPT_LEGACY_ROWS", v)])).map(|c| c.pipeline.adopt_legacy_rows);
+        assert_eq!(adopt(""), Ok(true));
+        assert_eq!(adopt("false"), Ok(false));
+        assert_eq!(adopt("maybe").unwrap_err().variable, "ADOPT_LEGACY_ROWS");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::halt::Halt;
 use crate::metrics::Metrics;
 use crate::repository;
 use crate::shutdown::Shutdown;
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,15 +82,64 @@ impl Health {
     }
 }
 
+/// Which subscribed topics this instance holds partitions of, as the last rebalance left them.
+#[derive(Debug)]
+pub struct Assignment {
+    topics: Vec<String>,
+    /// `None` until the first assignment, and while a rebalance has taken everything away.
+    held: Mutex<Option<BTreeSet<String>>>,
+}
+
+impl Assignment {
+    pub fn new(topics: &[&str]) -> Arc<Assignment> {
+        Arc::new(Assignment {
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            held: Mutex::new(None),
+        })
+    }
+
+    /// A rebalance ended with partitions of these topics held (`None`: it is still under way).
+    pub fn set(&self, held: Option<BTreeSet<String>>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+    }
+
+    /// Ready when partitions of every subscribed topic are held, or when the group assigned this
+    /// instance none at all (more members than partitions): ready, with a note saying so.
+    pub fn check(&self) -> Result<Option<String>, String> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(held) = held.as_ref() else {
+            return Err("the consumer holds no assignment yet (joining its group or rebalancing)".into());
+        };
+        if held.is_empty() {
+            return Ok(Some(
+                "no partition assigned: the group has more members than partitions".into(),
+            ));
+        }
+        let missing: Vec<&str> = self
+            .topics
+            .iter()
+            .filter(|t| !held.contains(*t))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            Ok(None)
+        } else {
+            Err(format!("no partition of {} assigned yet", missing.join(", ")))
+        }
+    }
+}
+
 /// What `/readyz` looks at.
 pub struct Readiness {
     pub pool: Pool,
-    pub assigned: Arc<AtomicBool>,
+    pub assignment: Arc<Assignment>,
     pub halt: Arc<Halt>,
 }
 
 impl Readiness {
-    pub fn check(&self) -> Result<(), String> {
+    /// Ok (with a note, perhaps) when the worker is ready: the database answers, the worker is not
+    /// halted, and the group has assigned it partitions of every subscribed topic.
+    pub fn check(&self) -> Result<Option<String>, String> {
         if let Some(cause) = self.halt.cause() {
             return Err(cause.reason());
         }
@@ -100,10 +150,7 @@ impl Readiness {
         if let Err(e) = db {
             return Err(format!("database: {e}"));
         }
-        if !self.assigned.load(Ordering::SeqCst) {
-            return Err("consumer holds no partition".into());
-        }
-        Ok(())
+        self.assignment.check()
     }
 }
 
@@ -190,16 +237,21 @@ fn respond(
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
-        ("GET", "/healthz") => status_of(health.check()),
+        ("GET", "/healthz") => status_of(health.check().map(|()| None)),
         ("GET", "/readyz") => status_of(readiness.check()),
         ("GET", _) => (404, "text/plain", "not found\n".into()),
         _ => (405, "text/plain", "method not allowed\n".into()),
     }
 }
 
-fn status_of(result: Result<(), String>) -> (u16, &'static str, String) {
+fn status_of(result: Result<Option<String>, String>) -> (u16, &'static str, String) {
     match result {
-        Ok(()) => (200, "application/json", "{\"status\":\"ok\"}\n".into()),
+        Ok(None) => (200, "application/json", "{\"status\":\"ok\"}\n".into()),
+        Ok(Some(note)) => (
+            200,
+            "application/json",
+            format!("{}\n", serde_json::json!({"status": "ok", "note": note})),
+        ),
         Err(reason) => (
             503,
             "application/json",
@@ -254,15 +306,31 @@ mod tests {
     }
 
     #[test]
+    fn ready_only_with_partitions_of_every_topic_or_with_none_at_all() {
+        let a = Assignment::new(&["bookings", "cancels"]);
+        assert!(a.check().unwrap_err().contains("no assignment yet"));
+        a.set(Some(["bookings".to_string()].into()));
+        assert_eq!(a.check(), Err("no partition of cancels assigned yet".to_string()));
+        a.set(Some(["bookings".to_string(), "cancels".to_string()].into()));
+        assert_eq!(a.check(), Ok(None));
+        a.set(Some(BTreeSet::new()));
+        assert!(a.check().unwrap().unwrap().contains("more members than partitions"));
+        a.set(None);
+        assert!(a.check().is_err());
+    }
+
+    #[test]
     fn endpoint_serves_health_and_metrics() {
         let metrics = Metrics::new();
         let health = Health::new();
         let shutdown = Shutdown::new();
         let config = crate::config::Config::from_vars(&[("DB_PORT".into(), "1".into())]).unwrap();
         let halt = Arc::new(Halt::new(25));
+        let assignment = Assignment::new(&["t"]);
+        assignment.set(Some(["t".to_string()].into()));
         let readiness = Readiness {
             pool: Pool::new(&config.database).unwrap(),
-            assigned: Arc::new(AtomicBool::new(true)),
+            assignment,
             halt: Arc::clone(&halt),
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

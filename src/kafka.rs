@@ -12,20 +12,20 @@
 //!   watermark committed synchronously unless the assignment was lost.
 
 use crate::baggage::{self, HeaderBaggage};
-use crate::config::KafkaConfig;
-use crate::http::Health;
+use crate::config::{KafkaConfig, StartFrom};
+use crate::http::{Assignment, Health};
 use crate::metrics::Metrics;
 use crate::models::{EventKind, Reason, Rejection};
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::shutdown::Shutdown;
 use crate::writer::{Dispatcher, RecordMeta, Work};
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
@@ -69,7 +69,7 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", config.start_from.offset_reset())
         .set("allow.auto.create.topics", "true")
         .set("enable.partition.eof", "false")
         .set("topic.metadata.refresh.interval.ms", "10000");
@@ -123,6 +123,7 @@ pub fn to_work(message: &BorrowedMessage<'_>, kind: EventKind, tp: &TopicPartiti
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         baggage: baggage.text().map(str::to_string),
         received_at: Instant::now(),
+        produced_at_ms: message.timestamp().to_millis(),
     };
     if let HeaderBaggage::NotUtf8(_) = baggage {
         return Work::Reject {
@@ -151,6 +152,7 @@ struct State {
 pub struct WorkerContext {
     consumer: OnceLock<Weak<BaseConsumer<WorkerContext>>>,
     topics: TopicTable,
+    start_from: StartFrom,
     state: Mutex<State>,
     links: Links,
 }
@@ -160,8 +162,8 @@ pub struct Links {
     pub tracker: Arc<OffsetTracker>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// True while this instance holds at least one partition (for `/readyz`).
-    pub assigned: Arc<AtomicBool>,
+    /// The topics this instance holds partitions of (for `/readyz`).
+    pub assignment: Arc<Assignment>,
     pub max_payload_bytes: usize,
     pub drain_timeout: Duration,
 }
@@ -218,12 +220,13 @@ impl WorkerContext {
                 Err(e) => log::error!(error = e.to_string(); "could not start a partition thread"),
             }
         }
-        self.note_assignment(state.partitions.len());
+        self.note_assignment(&state.partitions);
     }
 
-    fn note_assignment(&self, partitions: usize) {
-        self.links.assigned.store(partitions > 0, Ordering::SeqCst);
-        self.links.metrics.set_assigned(partitions);
+    fn note_assignment(&self, partitions: &HashMap<TopicPartition, PartitionThread>) {
+        let topics: BTreeSet<String> = partitions.keys().map(|tp| tp.topic.to_string()).collect();
+        self.links.metrics.set_assigned(partitions.len());
+        self.links.assignment.set(Some(topics));
     }
 
     /// Stops the threads of the given partitions, waits for their in-flight records, and commits
@@ -237,7 +240,13 @@ impl WorkerContext {
         let threads: Vec<PartitionThread> = {
             let mut state = self.lock();
             let threads = tps.iter().filter_map(|tp| state.partitions.remove(tp)).collect();
-            self.note_assignment(state.partitions.len());
+            if state.partitions.is_empty() {
+                // Everything went back to the group: a new assignment follows.
+                self.links.metrics.set_assigned(0);
+                self.links.assignment.set(None);
+            } else {
+                self.note_assignment(&state.partitions);
+            }
             threads
         };
         stop_threads(threads);
@@ -324,7 +333,75 @@ impl ClientContext for WorkerContext {
     }
 }
 
+/// How long a rebalance waits for the committed offsets and offsets-for-times of its partitions.
+const OFFSET_LOOKUP: Duration = Duration::from_secs(10);
+
+impl WorkerContext {
+    /// Under `KAFKA_START_FROM=<time>`: the partitions without a committed offset start at the
+    /// first record at or after that time (or at the end, when none is that recent).
+    fn position_at_time(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let StartFrom::Time(at) = self.start_from else {
+            return;
+        };
+        let positioned = consumer
+            .committed_offsets(tpl.clone(), OFFSET_LOOKUP)
+            .and_then(|committed| {
+                let mut query = TopicPartitionList::new();
+                for e in committed.elements().iter().filter(|e| e.offset() == Offset::Invalid) {
+                    query.add_partition_offset(e.topic(), e.partition(), Offset::Offset(at.timestamp_millis()))?;
+                }
+                if query.count() == 0 {
+                    return Ok(query);
+                }
+                consumer.offsets_for_times(query, OFFSET_LOOKUP)
+            });
+        let found = match positioned {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!(error = e.to_string(); "could not look up KAFKA_START_FROM; those partitions start from the end");
+                return;
+            }
+        };
+        for e in found.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                _ => Offset::End,
+            };
+            if tpl.set_partition_offset(e.topic(), e.partition(), offset).is_ok() {
+                log::info!(topic = e.topic(), partition = e.partition(), offset = format!("{offset:?}"),
+                    start_from = at.to_rfc3339(); "no committed offset; starting from KAFKA_START_FROM");
+            }
+        }
+    }
+}
+
 impl ConsumerContext for WorkerContext {
+    /// rdkafka's own rebalance handling (pre-rebalance, assign or unassign, post-rebalance), with
+    /// the start positions of `KAFKA_START_FROM` set in the assignment before it is applied.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        if assign {
+            self.position_at_time(consumer, tpl);
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(KafkaError::Rebalance(other.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let applied = match (assign, cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(e) = applied {
+            log::error!(error = e.to_string(); "could not apply the rebalance");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => self.assign(tpl),
@@ -387,12 +464,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Creates the consumer and subscribes to the configured topics.
-    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, links: Links) -> Result<Worker, KafkaError> {
+    /// Creates the consumer and subscribes to the configured topics, once every one of them has
+    /// partitions with leaders (so the first assignment covers them all).
+    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, links: Links) -> Result<Worker, StartError> {
         let topics = TopicTable::from_config(config);
         let context = WorkerContext {
             consumer: OnceLock::new(),
             topics: topics.clone(),
+            start_from: config.start_from,
             state: Mutex::new(State {
                 dispatcher: Some(dispatcher),
                 partitions: HashMap::new(),
@@ -403,6 +482,7 @@ impl Worker {
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         ensure_topics(&consumer, &topics.topics());
+        wait_for_topics(&consumer, &topics.topics(), config.topic_wait)?;
         consumer.subscribe(&topics.topics())?;
         log::info!(brokers = config.brokers.as_str(), group_id = config.group_id.as_str(),
             topics = topics.topics().join(","); "subscribed");
@@ -475,6 +555,65 @@ fn ensure_topics(consumer: &BaseConsumer<WorkerContext>, topics: &[&str]) {
             }
             Err(e) => log::warn!(topic = *topic, error = e.to_string(); "could not fetch topic metadata"),
         }
+    }
+}
+
+/// Why the consumer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("kafka client failed: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(
+        "topic(s) {} have no partitions with a leader after {waited_secs} s: create them, or allow the broker \
+         to create them (KAFKA_PROP_ALLOW_AUTO_CREATE_TOPICS and the broker's auto.create.topics.enable)",
+        .missing.join(", ")
+    )]
+    TopicsMissing { missing: Vec<String>, waited_secs: u64 },
+}
+
+/// The topics whose partitions are not all known with a leader yet.
+fn topics_not_ready(consumer: &BaseConsumer<WorkerContext>, topics: &[&str]) -> Vec<String> {
+    topics
+        .iter()
+        .filter(|topic| {
+            let ready = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .map(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == **topic
+                            && t.error().is_none()
+                            && !t.partitions().is_empty()
+                            && t.partitions().iter().all(|p| p.error().is_none() && p.leader() >= 0)
+                    })
+                })
+                .unwrap_or(false);
+            !ready
+        })
+        .map(|t| t.to_string())
+        .collect()
+}
+
+/// Waits, up to `wait`, until every topic has partitions with leaders. Subscribing before that
+/// makes librdkafka report the topic unavailable and assign it in a second rebalance later.
+fn wait_for_topics(consumer: &BaseConsumer<WorkerContext>, topics: &[&str], wait: Duration) -> Result<(), StartError> {
+    let started = Instant::now();
+    let mut logged = false;
+    loop {
+        let missing = topics_not_ready(consumer, topics);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= wait {
+            return Err(StartError::TopicsMissing {
+                missing,
+                waited_secs: wait.as_secs(),
+            });
+        }
+        if !logged {
+            logged = true;
+            log::info!(topics = missing.join(","), wait_secs = wait.as_secs(); "waiting for the topics' partitions");
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

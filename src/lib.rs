@@ -26,13 +26,12 @@ pub mod writer;
 use crate::config::{Config, DatabaseConfig, MigrateMode};
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
 use crate::halt::Halt;
-use crate::http::{Health, Readiness};
+use crate::http::{Assignment, Health, Readiness};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
 use crate::repository::MigrateError;
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterLinks, WriterPool};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -50,6 +49,8 @@ pub enum RunError {
     MigrationPending { pending: Vec<String>, reason: String },
     #[error("kafka client failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    TopicsMissing(kafka::StartError),
     #[error("could not start a thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("cannot serve METRICS_ADDR {addr}: {error}")]
@@ -62,6 +63,7 @@ impl RunError {
         match self {
             RunError::Database(_) => 3,
             RunError::Kafka(_) => 4,
+            RunError::TopicsMissing(_) => 5,
             RunError::MigrationPending { .. } => 7,
             RunError::Thread(_) | RunError::Http { .. } => 1,
         }
@@ -80,12 +82,12 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     let metrics = Metrics::new();
     let health = Health::new();
     let halt = Arc::new(Halt::new(config.pipeline.reject_halt_after));
-    let assigned = Arc::new(AtomicBool::new(false));
+    let assignment = Assignment::new(&kafka::TopicTable::from_config(&config.kafka).topics());
     let http = match config.metrics_addr {
         Some(addr) => {
             let readiness = Readiness {
                 pool: pool.clone(),
-                assigned: Arc::clone(&assigned),
+                assignment: Arc::clone(&assignment),
                 halt: Arc::clone(&halt),
             };
             let served = http::serve(
@@ -137,7 +139,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         tracker,
         metrics,
         health,
-        assigned,
+        assignment,
         max_payload_bytes: config.pipeline.max_payload_bytes,
         drain_timeout: config.pipeline.rebalance_drain_timeout,
     };
@@ -149,7 +151,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             writers.join();
             join_named(housekeeping);
             stop_http(&shutdown);
-            return Err(e.into());
+            return Err(match e {
+                kafka::StartError::Kafka(e) => RunError::Kafka(e),
+                missing => RunError::TopicsMissing(missing),
+            });
         }
     };
     let poll_shutdown = shutdown.clone();

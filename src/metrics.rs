@@ -9,12 +9,19 @@ use prometheus::{
 };
 use std::sync::Arc;
 
+/// Buckets of the latency histograms, in seconds.
+const LATENCY_BUCKETS: [f64; 25] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
 /// Every metric the worker exports.
 pub struct Metrics {
     registry: Registry,
     events: IntCounterVec,
     dead_letters: IntCounterVec,
     latency: HistogramVec,
+    end_to_end: HistogramVec,
     transactions: IntCounterVec,
     batch_size: Histogram,
     lag: IntGaugeVec,
@@ -47,10 +54,16 @@ impl Metrics {
                 "booking_worker_processing_seconds",
                 "From consuming a record to its end being durable in PostgreSQL, by event type.",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["event_type"],
+        )
+        .expect("valid metric");
+        let end_to_end = HistogramVec::new(
+            HistogramOpts::new(
+                "booking_worker_end_to_end_seconds",
+                "From the record's Kafka timestamp (when it was produced) to its end being durable in PostgreSQL, by event type.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["event_type"],
         )
         .expect("valid metric");
@@ -107,6 +120,7 @@ impl Metrics {
             Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(dead_letters.clone()),
             Box::new(latency.clone()),
+            Box::new(end_to_end.clone()),
             Box::new(transactions.clone()),
             Box::new(batch_size.clone()),
             Box::new(lag.clone()),
@@ -128,6 +142,7 @@ impl Metrics {
             events,
             dead_letters,
             latency,
+            end_to_end,
             transactions,
             batch_size,
             lag,
@@ -140,8 +155,16 @@ impl Metrics {
         })
     }
 
-    /// The end of one consumed record.
-    pub fn record_end(&self, topic: &str, kind: Option<EventKind>, outcome: &Outcome, seconds: f64) {
+    /// The end of one consumed record: `seconds` since it was consumed, `since_produced` since
+    /// its Kafka timestamp.
+    pub fn record_end(
+        &self,
+        topic: &str,
+        kind: Option<EventKind>,
+        outcome: &Outcome,
+        seconds: f64,
+        since_produced: Option<f64>,
+    ) {
         let (name, reason) = outcome_labels(outcome);
         self.events.with_label_values(&[topic, name, reason]).inc();
         if let Outcome::DeadLettered(r) = outcome {
@@ -149,6 +172,9 @@ impl Metrics {
         }
         let event_type = kind.map_or("undecodable", EventKind::as_str);
         self.latency.with_label_values(&[event_type]).observe(seconds);
+        if let Some(s) = since_produced {
+            self.end_to_end.with_label_values(&[event_type]).observe(s);
+        }
     }
 
     /// The end of a parked cancellation released by its booking (its record ended earlier).
@@ -228,7 +254,7 @@ impl Metrics {
                         let n = m.get_counter().get_value() as u64;
                         s.consumed += n;
                         match label("outcome").as_str() {
-                            "applied" => s.applied += n,
+                            "applied" | "adopted" => s.applied += n,
                             "duplicate" | "noop" => s.noop += n,
                             "parked" => s.parked_events += n,
                             _ => s.dead_lettered += n,
@@ -251,6 +277,7 @@ impl Metrics {
 fn outcome_labels(outcome: &Outcome) -> (&'static str, &'static str) {
     match outcome {
         Outcome::Created { .. } | Outcome::Cancelled { .. } => ("applied", ""),
+        Outcome::Adopted { .. } => ("adopted", ""),
         Outcome::Duplicate => ("duplicate", ""),
         Outcome::AlreadyCancelled { .. } | Outcome::AlreadyDeadLettered => ("noop", ""),
         Outcome::Parked => ("parked", ""),
@@ -298,11 +325,25 @@ mod tests {
             Some(EventKind::Booking),
             &Outcome::Created { id: 1 },
             0.004,
+            Some(0.25),
         );
-        m.record_end("booking-events", Some(EventKind::Booking), &Outcome::Duplicate, 0.002);
+        m.record_end(
+            "booking-events",
+            Some(EventKind::Booking),
+            &Outcome::Duplicate,
+            0.002,
+            None,
+        );
         let dead = Outcome::DeadLettered(Rejection::new(Reason::UnknownUser, "x"));
-        m.record_end("booking-events", Some(EventKind::Booking), &dead, 0.003);
-        m.record_end("booking-cancellations", None, &Outcome::Parked, 0.003);
+        m.record_end("booking-events", Some(EventKind::Booking), &dead, 0.003, None);
+        m.record_end("booking-cancellations", None, &Outcome::Parked, 0.003, None);
+        m.record_end(
+            "booking-events",
+            Some(EventKind::Booking),
+            &Outcome::Adopted { id: 2 },
+            0.003,
+            Some(0.5),
+        );
         m.record_expired(2);
         let text = m.render();
         assert!(
@@ -313,11 +354,13 @@ mod tests {
             r#"booking_worker_events_total{outcome="dead_lettered",reason="unknown_user",topic="booking-events"} 1"#
         ));
         assert!(text.contains(r#"booking_worker_dead_letters_total{reason="cancellation_expired"} 2"#));
-        assert!(text.contains(r#"booking_worker_processing_seconds_count{event_type="booking"} 3"#));
+        assert!(text.contains(r#"booking_worker_processing_seconds_count{event_type="booking"} 4"#));
+        assert!(text.contains(r#"booking_worker_end_to_end_seconds_count{event_type="booking"} 2"#));
+        assert!(text.contains(r#"booking_worker_events_total{outcome="adopted",reason="",topic="booking-events"} 1"#));
         let s = m.summary();
         assert_eq!(
             (s.consumed, s.applied, s.noop, s.parked_events, s.dead_lettered),
-            (4, 1, 1, 1, 1)
+            (5, 2, 1, 1, 1)
         );
     }
 

@@ -33,6 +33,9 @@ pub struct RecordMeta {
     pub payload: Vec<u8>,
     pub baggage: Option<String>,
     pub received_at: Instant,
+    /// The record's Kafka timestamp (producer create time, or the broker's log-append time), in
+    /// milliseconds since the epoch.
+    pub produced_at_ms: Option<i64>,
 }
 
 impl RecordMeta {
@@ -163,6 +166,7 @@ impl WriterPool {
                 metrics: Arc::clone(&links.metrics),
                 halt: Arc::clone(&links.halt),
                 shutdown: links.shutdown.clone(),
+                adopt_legacy_rows: config.adopt_legacy_rows,
                 _alive: links.health.register(&name),
                 batch_size: config.batch_size,
                 linger: config.batch_linger,
@@ -207,6 +211,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     halt: Arc<Halt>,
     shutdown: Shutdown,
+    adopt_legacy_rows: bool,
     /// Marks this writer dead for `/healthz` when the thread ends.
     _alive: crate::http::Alive,
     batch_size: usize,
@@ -325,10 +330,18 @@ impl Writer {
     fn log_result(&self, batch: &[Work], result: &BatchResult) {
         self.halt.breaker().committed(result.outcomes.iter().map(is_refusal));
         logger::in_one_write(|| {
+            let now_ms = chrono::Utc::now().timestamp_millis();
             for (work, outcome) in batch.iter().zip(&result.outcomes) {
-                let seconds = work.meta().received_at.elapsed().as_secs_f64();
-                self.metrics
-                    .record_end(&work.meta().tp.topic, work.event().map(Event::kind), outcome, seconds);
+                let meta = work.meta();
+                let seconds = meta.received_at.elapsed().as_secs_f64();
+                let since_produced = meta.produced_at_ms.map(|t| (now_ms - t).max(0) as f64 / 1000.0);
+                self.metrics.record_end(
+                    &meta.tp.topic,
+                    work.event().map(Event::kind),
+                    outcome,
+                    seconds,
+                    since_produced,
+                );
                 logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0));
             }
             for (parked, outcome) in &result.released {
@@ -389,7 +402,11 @@ impl Writer {
             };
             Err(self.breaker_error(&error))
         };
-        let result = handlers::apply_batch(conn.client(), batch, &breaker);
+        let rules = handlers::Rules {
+            adopt_legacy_rows: self.adopt_legacy_rows,
+            before_commit: &breaker,
+        };
+        let result = handlers::apply_batch(conn.client(), batch, rules);
         if result.as_ref().is_err_and(DbError::is_read_only) {
             conn.discard();
         }
@@ -458,6 +475,9 @@ fn log_outcome(outcome: &Outcome, latency_ms: f64) {
     let end = outcome.as_str();
     match outcome {
         Outcome::Created { id } => log::info!(end, row_id = id, latency_ms; "booking created"),
+        Outcome::Adopted { id } => {
+            log::info!(end, row_id = id, latency_ms; "booking adopted: the Go worker's row now carries its external id")
+        }
         Outcome::Duplicate => log::info!(end, latency_ms; "booking already exists; duplicate ignored"),
         Outcome::Cancelled { id } => log::info!(end, row_id = id, latency_ms; "booking cancelled"),
         Outcome::AlreadyCancelled { id } => {
