@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command for booking-worker: provides Kafka and PostgreSQL,
-# runs `cargo test --all-targets --locked "$@"`, and stops exactly what it
+# runs `cargo test --all-targets --locked --features failpoints "$@"`, and stops exactly what it
 # started (on success, failure or Ctrl-C).
 #
 # Usage: scripts/test.sh [extra cargo test arguments, e.g. -- --nocapture]
@@ -41,10 +41,12 @@ export BOOKING_WORKER_REQUIRE_SERVICES=1
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 log "Kafka: $KAFKA_BROKERS; PostgreSQL: $DB_USER@$DB_HOST:$DB_PORT/$DB_NAME"
-log "cargo test --all-targets --locked $*"
+# The fail points let tests make a thread panic on purpose; they do nothing unless FAILPOINTS
+# is set, which only those tests do.
+log "cargo test --all-targets --locked --features failpoints $*"
 cd "$ROOT_DIR"
 set +e
-cargo test --all-targets --locked "$@"
+cargo test --all-targets --locked --features failpoints "$@"
 rc=$?
 set -e
 exit "$rc"

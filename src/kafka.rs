@@ -70,7 +70,15 @@ pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", config.start_from.offset_reset())
-        .set("allow.auto.create.topics", "true")
+        .set(
+            "allow.auto.create.topics",
+            if config.allow_auto_create_topics {
+                "true"
+            } else {
+                "false"
+            },
+        )
+        .set("group.protocol", config.group_protocol.as_str())
         .set("enable.partition.eof", "false")
         .set("topic.metadata.refresh.interval.ms", "10000");
     for (key, value) in &config.properties {
@@ -433,6 +441,7 @@ impl PartitionReader {
     fn run(self) {
         let stopped = || self.stop.load(Ordering::SeqCst);
         while !stopped() {
+            fail::fail_point!("partition-thread");
             match self.queue.poll(POLL_INTERVAL) {
                 None => {}
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadCompression))) => {
@@ -499,9 +508,16 @@ impl Worker {
         let links = &self.context().links;
         let _alive = links.health.register("consumer-poll");
         while !shutdown.is_triggered() {
+            fail::fail_point!("consumer-poll");
             links.health.beat();
-            let depth = self.context().lock().dispatcher.as_ref().map_or(0, Dispatcher::queued);
+            let (depth, bytes) = self
+                .context()
+                .lock()
+                .dispatcher
+                .as_ref()
+                .map_or((0, 0), |d| (d.queued(), d.in_flight_bytes()));
             links.metrics.set_channel_depth(depth);
+            links.metrics.set_in_flight_bytes(bytes);
             match self.consumer.poll(POLL_INTERVAL) {
                 None => {}
                 Some(Ok(message)) => self.stray_message(&message, shutdown),
@@ -564,8 +580,8 @@ pub enum StartError {
     #[error("kafka client failed: {0}")]
     Kafka(#[from] KafkaError),
     #[error(
-        "topic(s) {} have no partitions with a leader after {waited_secs} s: create them, or allow the broker \
-         to create them (KAFKA_PROP_ALLOW_AUTO_CREATE_TOPICS and the broker's auto.create.topics.enable)",
+        "topic(s) {} have no partitions with a leader after {waited_secs} s: create them, or let the broker \
+         create them (KAFKA_ALLOW_AUTO_CREATE_TOPICS and the broker's auto.create.topics.enable)",
         .missing.join(", ")
     )]
     TopicsMissing { missing: Vec<String>, waited_secs: u64 },

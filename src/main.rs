@@ -15,6 +15,8 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_DEADLINE: i32 = 124;
 /// Exit code on a second SIGINT/SIGTERM.
 const EXIT_SECOND_SIGNAL: i32 = 130;
+/// Exit code when any thread panics (EX_SOFTWARE).
+const EXIT_PANIC: i32 = 70;
 
 #[derive(Parser)]
 #[command(
@@ -90,14 +92,45 @@ fn environment_help() -> String {
         "\nExit codes: 0 success, 1 failure, 2 invalid configuration, 3 database unusable,\n\
          4 Kafka client or broker failure, 5 topics missing, 6 dead letters still failing,\n\
          7 a migration is pending that this worker may not apply (run `booking-worker migrate`\n\
-         as the owner of booking-management's tables), 124 shutdown deadline passed,\n\
-         130 second signal.",
+         as the owner of booking-management's tables), 70 a thread panicked,\n\
+         124 shutdown deadline passed, 130 second signal.",
     );
     out
 }
 
+/// Makes a panic in any thread end the process at once with [`EXIT_PANIC`], after one JSON line
+/// naming the thread. A worker with a dead thread would look alive while a partition or a writer
+/// stood still; a restart by systemd or Docker resumes from the committed offsets, and replay is
+/// idempotent. A hook rather than `panic = "abort"`: it logs through the JSON logger, and it ends
+/// the process the same way whether the panic happened on a worker thread or inside a librdkafka
+/// callback.
+fn exit_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".to_string());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log::error!(thread = thread.as_str(), panic = message.as_str(), location = location.as_str();
+            "a thread panicked; exiting so that the service manager restarts the worker (replay is idempotent)");
+        log::logger().flush();
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        // SAFETY: `_exit` ends the process at once, without running destructors or atexit
+        // handlers; nothing is left to clean up that the restart does not redo.
+        unsafe { libc::_exit(EXIT_PANIC) }
+    }));
+}
+
 fn main() -> ExitCode {
     booking_worker::allocator::use_one_arena();
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let level = match config::log_level_from_env() {
@@ -109,6 +142,7 @@ fn main() -> ExitCode {
     };
     let data_on_stdout = matches!(command, Command::DeadLetters(DeadLetters::List { .. }));
     logger::init(&level, data_on_stdout);
+    exit_on_panic();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {

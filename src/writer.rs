@@ -7,6 +7,7 @@
 //! Records of one booking id always go to the same writer, so they are applied in the order they
 //! were consumed. Closing the channels (dropping every [`Dispatcher`]) drains and stops the pool.
 
+use crate::budget::ByteBudget;
 use crate::config::PipelineConfig;
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
 use crate::halt::{Halt, Transition};
@@ -39,6 +40,11 @@ pub struct RecordMeta {
 }
 
 impl RecordMeta {
+    /// The bytes this record holds in memory, as [`ByteBudget`] counts them.
+    pub fn bytes(&self) -> usize {
+        self.payload.len() + self.key.as_ref().map_or(0, Vec::len) + self.baggage.as_ref().map_or(0, String::len)
+    }
+
     pub fn source(&self) -> Source<'_> {
         Source {
             topic: &self.tp.topic,
@@ -101,6 +107,7 @@ impl Work {
 pub struct Dispatcher {
     senders: Vec<Sender<Work>>,
     tracker: Arc<OffsetTracker>,
+    budget: Arc<ByteBudget>,
 }
 
 /// How often a blocked send checks whether it should give up.
@@ -110,22 +117,34 @@ impl Dispatcher {
     /// Hands a record to its writer, blocking while that writer's channel is full (back-pressure).
     /// Gives up, and withdraws the record from the watermark, when `stop` turns true or the
     /// writers are gone. Returns whether the record was handed over.
+    /// Also waits while the record's bytes would pass `MAX_IN_FLIGHT_BYTES`.
     pub fn dispatch(&self, work: Work, stop: &dyn Fn() -> bool) -> bool {
         let tp = work.meta().tp.clone();
         let offset = work.meta().offset;
+        let bytes = work.meta().bytes();
         let sender = &self.senders[work.route(self.senders.len())];
         self.tracker.dispatched(&tp, offset);
+        if !self.budget.acquire(bytes, stop) {
+            self.tracker.withdrawn(&tp, offset);
+            return false;
+        }
         let mut work = work;
         loop {
             match sender.send_timeout(work, SEND_POLL) {
                 Ok(()) => return true,
                 Err(SendTimeoutError::Timeout(w)) if !stop() => work = w,
                 Err(_) => {
+                    self.budget.release(bytes);
                     self.tracker.withdrawn(&tp, offset);
                     return false;
                 }
             }
         }
+    }
+
+    /// Payload bytes in flight between the partition threads and the writers.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.budget.in_flight()
     }
 
     /// Records queued across all writer channels.
@@ -142,6 +161,7 @@ pub struct WriterLinks {
     pub health: Arc<Health>,
     pub halt: Arc<Halt>,
     pub shutdown: Shutdown,
+    pub budget: Arc<ByteBudget>,
 }
 
 /// The running writer threads.
@@ -166,6 +186,7 @@ impl WriterPool {
                 metrics: Arc::clone(&links.metrics),
                 halt: Arc::clone(&links.halt),
                 shutdown: links.shutdown.clone(),
+                budget: Arc::clone(&links.budget),
                 adopt_legacy_rows: config.adopt_legacy_rows,
                 _alive: links.health.register(&name),
                 batch_size: config.batch_size,
@@ -179,7 +200,15 @@ impl WriterPool {
             );
         }
         let tracker = links.tracker;
-        Ok((Dispatcher { senders, tracker }, WriterPool { handles }))
+        let budget = links.budget;
+        Ok((
+            Dispatcher {
+                senders,
+                tracker,
+                budget,
+            },
+            WriterPool { handles },
+        ))
     }
 
     /// Waits for every writer to drain its channel and finish. The channels close when the last
@@ -211,6 +240,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     halt: Arc<Halt>,
     shutdown: Shutdown,
+    budget: Arc<ByteBudget>,
     adopt_legacy_rows: bool,
     /// Marks this writer dead for `/healthz` when the thread ends.
     _alive: crate::http::Alive,
@@ -241,6 +271,7 @@ impl Writer {
             }
             self.tracker
                 .completed(batch.iter().map(|w| (&w.meta().tp, w.meta().offset)));
+            self.budget.release(batch.iter().map(|w| w.meta().bytes()).sum());
             batch.clear();
         }
         log::debug!("writer drained and stopped");
@@ -248,8 +279,12 @@ impl Writer {
 
     /// Brings every record of the batch to a durable end, or gives up at shutdown.
     fn process(&self, batch: &[Work]) -> Result<(), ()> {
+        fail::fail_point!("writer-batch");
         match self.apply_until_done(batch) {
-            Ok(result) => self.log_result(batch, &result),
+            Ok(result) => {
+                self.log_result(batch, &result);
+                self.release_parked(result.more_parked)?;
+            }
             Err(Stop::Abandoned) => return Err(()),
             Err(Stop::Refused(error)) if batch.len() > 1 => {
                 log::warn!(error = error.to_string(), records = batch.len();
@@ -259,6 +294,27 @@ impl Writer {
                 }
             }
             Err(Stop::Refused(error)) => self.dead_letter(&batch[0], error)?,
+        }
+        Ok(())
+    }
+
+    /// Releases, a page per transaction, the parked cancellations of bookings that had more than
+    /// one page of them.
+    fn release_parked(&self, mut refs: Vec<String>) -> Result<(), ()> {
+        while !refs.is_empty() {
+            let page: Vec<&str> = refs.iter().map(String::as_str).collect();
+            match self.apply_until_done_with(&[], &page) {
+                Ok(result) => {
+                    self.log_result(&[], &result);
+                    refs = result.more_parked;
+                }
+                Err(Stop::Abandoned) => return Err(()),
+                Err(Stop::Refused(error)) => {
+                    log::error!(error = error.to_string(), bookings = page.len();
+                        "database refused releasing parked cancellations; they stay parked until they expire");
+                    return Ok(());
+                }
+            }
         }
         Ok(())
     }
@@ -355,9 +411,14 @@ impl Writer {
     /// as they last (halting the worker for a systemic one). Returns the result, a record's
     /// refusal, or [`Stop::Abandoned`] at shutdown.
     fn apply_until_done(&self, batch: &[Work]) -> Result<BatchResult, Stop> {
+        self.apply_until_done_with(batch, &[])
+    }
+
+    /// [`Writer::apply_until_done`], also releasing parked cancellations of `release`.
+    fn apply_until_done_with(&self, batch: &[Work], release: &[&str]) -> Result<BatchResult, Stop> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            let result = self.try_apply(batch);
+            let result = self.try_apply(batch, release);
             let label = match &result {
                 Ok(_) => "committed",
                 Err(e) => match e.class {
@@ -385,7 +446,7 @@ impl Writer {
 
     /// One attempt at a batch, in one transaction, with the circuit breaker's last look before it
     /// commits. A connection that reached a read-only standby is dropped, not pooled.
-    fn try_apply(&self, batch: &[Work]) -> Result<BatchResult, DbError> {
+    fn try_apply(&self, batch: &[Work], release: &[&str]) -> Result<BatchResult, DbError> {
         let mut conn = self.pool.get()?;
         let breaker = |result: &BatchResult| {
             if self.halt.breaker().allows(result.outcomes.iter().map(is_refusal)) {
@@ -404,9 +465,14 @@ impl Writer {
         };
         let rules = handlers::Rules {
             adopt_legacy_rows: self.adopt_legacy_rows,
+            replaying_dead_letters: false,
             before_commit: &breaker,
         };
-        let result = handlers::apply_batch(conn.client(), batch, rules);
+        let result = if release.is_empty() {
+            handlers::apply_batch(conn.client(), batch, rules)
+        } else {
+            handlers::release_parked(conn.client(), release, rules)
+        };
         if result.as_ref().is_err_and(DbError::is_read_only) {
             conn.discard();
         }
