@@ -5,13 +5,12 @@ use crate::config::Config;
 use crate::database::{DbError, Pool};
 use crate::handlers::{self, Outcome};
 use crate::http;
-use crate::kafka::TopicTable;
+use crate::kafka::{self, TopicTable};
 use crate::models::Reason;
 use crate::offsets::TopicPartition;
 use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
 use crate::writer::{RecordMeta, Work};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 use std::time::{Duration, Instant};
 
 /// What a command reports to the shell. The codes are documented in the README.
@@ -49,8 +48,8 @@ pub fn check(config: &Config) -> ExitStatus {
         }
     }
 
-    let consumer: Result<BaseConsumer, _> = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
+    // The worker's own client settings, KAFKA_PROP_* (TLS, SASL) included; a check creates no topic.
+    let consumer: Result<BaseConsumer, _> = kafka::consumer_config(&config.kafka)
         .set("allow.auto.create.topics", "false")
         .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg)
         .create();
@@ -222,6 +221,7 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
         let result = pool.get().and_then(|mut conn| {
             let rules = handlers::Rules {
                 adopt_legacy_rows: config.pipeline.adopt_legacy_rows,
+                replaying_dead_letters: true,
                 before_commit: &|_| Ok(()),
             };
             let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules)?;

@@ -57,6 +57,9 @@ impl Outcome {
 pub struct BatchResult {
     pub outcomes: Vec<Outcome>,
     pub released: Vec<(ParkedCancellation, Outcome)>,
+    /// Bookings that may have more parked cancellations than one page released: the writer
+    /// releases them in further transactions ([`release_parked`]).
+    pub more_parked: Vec<String>,
 }
 
 /// A cancellation being decided: from this batch (by index) or released from the parking.
@@ -80,6 +83,9 @@ pub type BeforeCommit<'a> = &'a dyn Fn(&BatchResult) -> Result<(), DbError>;
 pub struct Rules<'a> {
     /// Whether a new booking adopts a matching row the Go worker wrote (`ADOPT_LEGACY_ROWS`).
     pub adopt_legacy_rows: bool,
+    /// `dead-letters replay`: the records are dead letters, applied again on purpose. Otherwise a
+    /// record already dead-lettered (same topic, partition and offset) stays a dead letter.
+    pub replaying_dead_letters: bool,
     /// The last look before the commit.
     pub before_commit: BeforeCommit<'a>,
 }
@@ -87,8 +93,17 @@ pub struct Rules<'a> {
 /// Applies a batch in one transaction. Nothing is written unless all of it is, and nothing is
 /// committed that `rules.before_commit` refuses (the writer's circuit breaker looks there).
 pub fn apply_batch(conn: &mut Client, batch: &[Work], rules: Rules<'_>) -> Result<BatchResult, DbError> {
+    apply(conn, batch, &[], rules)
+}
+
+/// Releases the next page of parked cancellations of bookings that exist, in one transaction.
+pub fn release_parked(conn: &mut Client, booking_refs: &[&str], rules: Rules<'_>) -> Result<BatchResult, DbError> {
+    apply(conn, &[], booking_refs, rules)
+}
+
+fn apply(conn: &mut Client, batch: &[Work], release: &[&str], rules: Rules<'_>) -> Result<BatchResult, DbError> {
     let mut tx = conn.transaction()?;
-    let result = apply_in_transaction(&mut tx, batch, rules.adopt_legacy_rows)?;
+    let result = apply_in_transaction(&mut tx, batch, release, rules)?;
     let before_commit = rules.before_commit;
     before_commit(&result)?;
     tx.commit()?;
@@ -163,13 +178,44 @@ fn adopt_legacy_rows(
     repository::adopt_bookings(conn, &choose_adoptions(&rows, &matches))
 }
 
-fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work], adopt: bool) -> Result<BatchResult, DbError> {
-    let booking_ids = distinct(batch.iter().filter_map(Work::event).map(Event::booking_id));
+/// The records of the batch that are dead letters already (a replay of the log): they stay so.
+fn already_dead_lettered(
+    conn: &mut Transaction<'_>,
+    batch: &[Work],
+    rules: Rules<'_>,
+) -> Result<HashSet<(String, i32, i64)>, DbError> {
+    if rules.replaying_dead_letters {
+        return Ok(HashSet::new());
+    }
+    let sources: Vec<Source<'_>> = batch.iter().map(|w| w.meta().source()).collect();
+    repository::dead_lettered(conn, &sources)
+}
+
+fn apply_in_transaction(
+    conn: &mut Transaction<'_>,
+    batch: &[Work],
+    release: &[&str],
+    rules: Rules<'_>,
+) -> Result<BatchResult, DbError> {
+    let adopt = rules.adopt_legacy_rows;
+    let booking_ids = distinct(
+        batch
+            .iter()
+            .filter_map(Work::event)
+            .map(Event::booking_id)
+            .chain(release.iter().copied()),
+    );
     repository::lock_booking_ids(conn, &booking_ids)?;
+    let dead_letters = already_dead_lettered(conn, batch, rules)?;
+    let is_dead = |w: &Work| {
+        let m = w.meta();
+        dead_letters.contains(&(m.tp.topic.to_string(), m.tp.partition, m.offset))
+    };
 
     let mut outcomes: Vec<Option<Outcome>> = batch
         .iter()
         .map(|w| match w {
+            _ if is_dead(w) => Some(Outcome::AlreadyDeadLettered),
             Work::Reject { rejection, .. } => Some(Outcome::DeadLettered(rejection.clone())),
             Work::Apply { .. } => None,
         })
@@ -178,6 +224,7 @@ fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work], adopt: bool)
     let bookings: Vec<(usize, &BookingEvent)> = batch
         .iter()
         .enumerate()
+        .filter(|(_, w)| !is_dead(w))
         .filter_map(|(i, w)| match w.event() {
             Some(Event::Booking(b)) => Some((i, b)),
             _ => None,
@@ -186,6 +233,7 @@ fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work], adopt: bool)
     let cancellations: Vec<(usize, &CancellationEvent)> = batch
         .iter()
         .enumerate()
+        .filter(|(_, w)| !is_dead(w))
         .filter_map(|(i, w)| match w.event() {
             Some(Event::Cancellation(c)) => Some((i, c)),
             _ => None,
@@ -245,8 +293,21 @@ fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work], adopt: bool)
         HashMap::new()
     };
     // Cancellations parked for this batch's bookings are decided now, before this batch's own.
-    let new_refs: Vec<&str> = new_bookings.iter().map(|(_, nb)| nb.external_id).collect();
-    let released = repository::take_parked_cancellations(conn, &new_refs)?;
+    let new_refs = distinct(
+        new_bookings
+            .iter()
+            .map(|(_, nb)| nb.external_id)
+            .chain(release.iter().copied()),
+    );
+    let released = repository::take_parked_cancellations(conn, &new_refs, PARKED_PAGE)?;
+    let more_parked: Vec<String> = if released.len() as i64 >= PARKED_PAGE {
+        distinct(released.iter().map(|p| p.booking_ref.as_str()))
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let missing_users = distinct(
         released
             .iter()
@@ -409,7 +470,11 @@ fn apply_in_transaction(conn: &mut Transaction<'_>, batch: &[Work], adopt: bool)
     }
     repository::insert_dead_letters(conn, &letters)?;
 
-    Ok(BatchResult { outcomes, released })
+    Ok(BatchResult {
+        outcomes,
+        released,
+        more_parked,
+    })
 }
 
 /// The distinct values, sorted: a batch names the same few users and rooms many times, and the
@@ -535,19 +600,26 @@ impl Targets {
     }
 }
 
-/// How many expired parked cancellations one transaction handles.
-const EXPIRY_BATCH: i64 = 500;
+/// How many parked cancellations one transaction takes out of the table, at most: when they are
+/// released by their booking, and when they expire. A booking with more gets them in further
+/// transactions, so memory stays bounded whatever piles up for one booking id.
+pub const PARKED_PAGE: i64 = 500;
 
-/// Dead-letters parked cancellations older than `ttl` as `cancellation_expired`, a batch per
-/// transaction, under the same advisory locks as the writers. Returns what expired.
-pub fn expire_parked(conn: &mut Client, ttl: Duration) -> Result<Vec<ParkedCancellation>, DbError> {
-    let mut expired = Vec::new();
+/// Dead-letters parked cancellations older than `ttl` as `cancellation_expired`, a page per
+/// transaction, under the same advisory locks as the writers; `expired` sees each committed page.
+/// Returns how many expired.
+pub fn expire_parked(
+    conn: &mut Client,
+    ttl: Duration,
+    expired: &mut dyn FnMut(&[ParkedCancellation]),
+) -> Result<usize, DbError> {
+    let mut total = 0;
     loop {
         let mut tx = conn.transaction()?;
-        let refs = repository::expired_parked_refs(&mut tx, ttl, EXPIRY_BATCH)?;
+        let refs = repository::expired_parked_refs(&mut tx, ttl, PARKED_PAGE)?;
         let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
         repository::lock_booking_ids(&mut tx, &refs)?;
-        let batch = repository::take_expired_parked(&mut tx, &refs, ttl)?;
+        let batch = repository::take_expired_parked(&mut tx, &refs, ttl, PARKED_PAGE)?;
         let error = format!("no booking arrived within {} s", ttl.as_secs());
         let letters: Vec<DeadLetter<'_>> = batch
             .iter()
@@ -561,10 +633,10 @@ pub fn expire_parked(conn: &mut Client, ttl: Duration) -> Result<Vec<ParkedCance
             .collect();
         repository::insert_dead_letters(&mut tx, &letters)?;
         tx.commit()?;
-        let full = batch.len() as i64 >= EXPIRY_BATCH;
-        expired.extend(batch);
-        if !full {
-            return Ok(expired);
+        expired(&batch);
+        total += batch.len();
+        if (batch.len() as i64) < PARKED_PAGE {
+            return Ok(total);
         }
     }
 }

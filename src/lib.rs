@@ -7,6 +7,7 @@
 
 pub mod allocator;
 pub mod baggage;
+pub mod budget;
 pub mod commands;
 pub mod config;
 pub mod database;
@@ -74,6 +75,7 @@ impl RunError {
 pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     log::info!(
         brokers = config.kafka.brokers.as_str(), group_id = config.kafka.group_id.as_str(),
+        group_protocol = config.kafka.group_protocol.as_str(),
         db_host = config.database.host.as_str(), db_name = config.database.name.as_str(),
         writers = config.pipeline.writers, batch_size = config.pipeline.batch_size;
         "booking-worker starting"
@@ -131,6 +133,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         health: Arc::clone(&health),
         halt,
         shutdown: shutdown.clone(),
+        budget: budget::ByteBudget::new(config.pipeline.max_in_flight_bytes),
     };
     let (dispatcher, writers) = WriterPool::start(&config.pipeline, links)?;
     let housekeeping = spawn_housekeeping(pool.clone(), shutdown.clone(), &config, Arc::clone(&metrics), &health)?;
@@ -260,22 +263,23 @@ fn spawn_housekeeping(
 }
 
 fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
-    let result = pool.get().and_then(|mut conn| {
-        let expired = handlers::expire_parked(conn.client(), ttl)?;
-        let parked = repository::count_parked(conn.client())?;
-        Ok((expired, parked))
-    });
-    match result {
-        Ok((expired, parked)) => {
-            metrics.set_parked(parked);
-            metrics.record_expired(expired.len());
-            for p in &expired {
+    let mut log_page = |page: &[repository::ParkedCancellation]| {
+        metrics.record_expired(page.len());
+        logger::in_one_write(|| {
+            for p in page {
                 logger::with_event(writer::parked_scope(p), || {
                     log::warn!(outcome = "dead_lettered", reason = "cancellation_expired";
                         "parked cancellation expired; dead-lettered")
                 });
             }
-        }
+        });
+    };
+    let result = pool.get().and_then(|mut conn| {
+        handlers::expire_parked(conn.client(), ttl, &mut log_page)?;
+        repository::count_parked(conn.client())
+    });
+    match result {
+        Ok(parked) => metrics.set_parked(parked),
         Err(e) => log::warn!(error = e.to_string(); "could not expire parked cancellations; will retry"),
     }
 }

@@ -27,6 +27,7 @@ pub struct Metrics {
     lag: IntGaugeVec,
     parked: IntGauge,
     channel_depth: IntGauge,
+    in_flight_bytes: IntGauge,
     assigned: IntGauge,
     released: IntCounter,
     halted: IntGauge,
@@ -99,6 +100,11 @@ impl Metrics {
             "Records queued between partition threads and writers.",
         )
         .expect("valid");
+        let in_flight_bytes = IntGauge::new(
+            "booking_worker_in_flight_bytes",
+            "Payload bytes of records between partition threads and writers (capped by MAX_IN_FLIGHT_BYTES).",
+        )
+        .expect("valid");
         let assigned =
             IntGauge::new("booking_worker_assigned_partitions", "Partitions this instance holds.").expect("valid");
         let released = IntCounter::new(
@@ -126,6 +132,7 @@ impl Metrics {
             Box::new(lag.clone()),
             Box::new(parked.clone()),
             Box::new(channel_depth.clone()),
+            Box::new(in_flight_bytes.clone()),
             Box::new(assigned.clone()),
             Box::new(released.clone()),
             Box::new(halted.clone()),
@@ -148,6 +155,7 @@ impl Metrics {
             lag,
             parked,
             channel_depth,
+            in_flight_bytes,
             assigned,
             released,
             halted,
@@ -221,6 +229,10 @@ impl Metrics {
             self.halts.inc();
         }
         self.halted.set(i64::from(halted));
+    }
+
+    pub fn set_in_flight_bytes(&self, n: usize) {
+        self.in_flight_bytes.set(n as i64);
     }
 
     pub fn set_assigned(&self, n: usize) {

@@ -500,12 +500,13 @@ fn parked_rows(rows: &[Row]) -> Result<Vec<ParkedCancellation>, DbError> {
 const PARKED_COLUMNS: &str =
     "booking_ref, user_ref, topic, kafka_partition, kafka_offset, record_key, payload, baggage, parked_at";
 
-/// Removes and returns the parked cancellations of these bookings, oldest first. One index look-up
-/// per reference, so it stays cheap when little is parked; a scan of the whole table would walk
-/// the pages that deleted parked rows leave empty.
+/// Removes and returns at most `limit` parked cancellations of these bookings, oldest first. One
+/// index look-up per reference, so it stays cheap when little is parked; a scan of the whole
+/// table would walk the pages that deleted parked rows leave empty.
 pub fn take_parked_cancellations<C: GenericClient>(
     conn: &mut C,
     booking_refs: &[&str],
+    limit: i64,
 ) -> Result<Vec<ParkedCancellation>, DbError> {
     if booking_refs.is_empty() {
         return Ok(Vec::new());
@@ -514,10 +515,13 @@ pub fn take_parked_cancellations<C: GenericClient>(
         conn,
         &format!(
             "DELETE FROM booking_worker.pending_cancellations
-              WHERE booking_ref = ANY($1::text[])
+              WHERE id IN (SELECT id FROM booking_worker.pending_cancellations
+                            WHERE booking_ref = ANY($1::text[])
+                            ORDER BY parked_at, id
+                            LIMIT $2)
              RETURNING {PARKED_COLUMNS}"
         ),
-        &[(&booking_refs, Type::TEXT_ARRAY)],
+        &[(&booking_refs, Type::TEXT_ARRAY), (&limit, Type::INT8)],
     )?;
     let mut parked = parked_rows(&rows)?;
     parked.sort_by(|a, b| {
@@ -546,20 +550,30 @@ pub fn expired_parked_refs<C: GenericClient>(conn: &mut C, ttl: Duration, limit:
     rows.iter().map(|r| get(r, "booking_ref")).collect()
 }
 
-/// Removes and returns the parked cancellations of these bookings that are older than `ttl`.
+/// Removes and returns at most `limit` parked cancellations of these bookings that are older than
+/// `ttl`.
 pub fn take_expired_parked<C: GenericClient>(
     conn: &mut C,
     booking_refs: &[&str],
     ttl: Duration,
+    limit: i64,
 ) -> Result<Vec<ParkedCancellation>, DbError> {
     let rows = query(
         conn,
         &format!(
             "DELETE FROM booking_worker.pending_cancellations
-              WHERE booking_ref = ANY($1::text[]) AND parked_at < now() - make_interval(secs => $2)
+              WHERE id IN (SELECT id FROM booking_worker.pending_cancellations
+                            WHERE booking_ref = ANY($1::text[])
+                              AND parked_at < now() - make_interval(secs => $2)
+                            ORDER BY id
+                            LIMIT $3)
              RETURNING {PARKED_COLUMNS}"
         ),
-        &[(&booking_refs, Type::TEXT_ARRAY), (&ttl.as_secs_f64(), Type::FLOAT8)],
+        &[
+            (&booking_refs, Type::TEXT_ARRAY),
+            (&ttl.as_secs_f64(), Type::FLOAT8),
+            (&limit, Type::INT8),
+        ],
     )?;
     parked_rows(&rows)
 }
