@@ -3,6 +3,15 @@
 # and tests of booking-worker. The broker jars come from Maven Central and are
 # cached, so only the first start needs Maven.
 #
+# Listeners, all on 127.0.0.1:
+#   PLAINTEXT       KAFKA_PORT: clients and inter-broker traffic
+#   SASL_PLAINTEXT  KAFKA_SASL_PORT: SASL mechanism PLAIN, one user
+#                   `booking-worker` with password `booking-worker-secret`
+#                   (fixed TEST-ONLY credentials, in the clear on purpose;
+#                   no authorizer, so the user may do anything), for tests of
+#                   the worker's KAFKA_PROP_SASL_* settings
+#   CONTROLLER      KAFKA_CONTROLLER_PORT: KRaft controller (PLAINTEXT)
+#
 # Usage: scripts/kafka.sh start|stop|restart|status
 #
 #   start    start a broker (or reuse the running one); a broker stopped with
@@ -13,10 +22,14 @@
 #            records survive; used by the reliability tests)
 #   status   say whether it runs
 #
+# A kept broker (KAFKA_KEEP_DATA=1, `restart`) comes back on the ports it had.
+#
 # Environment:
 #   KAFKA_PORT              broker port on 127.0.0.1 (default 9092)
 #   KAFKA_CONTROLLER_PORT   KRaft controller port (default KAFKA_PORT+1, or a
 #                           free port if that one is taken)
+#   KAFKA_SASL_PORT         SASL_PLAINTEXT listener port (default KAFKA_PORT+2,
+#                           or a free port if that one is taken)
 #   KAFKA_DATA_DIR          throwaway dir for data, config and logs (default:
 #                           a new mktemp dir under /tmp); deleted by `stop`
 #   KAFKA_KEEP_DATA         1: `stop` keeps the data dir and state for a later
@@ -32,8 +45,11 @@
 #   BOOKING_WORKER_CACHE    jar cache root (default ~/.cache/booking-worker)
 #
 # Output: progress goes to stderr. On success `start` prints
+# `KAFKA_SASL_BROKERS=127.0.0.1:<sasl port>` and then
 # `KAFKA_BROKERS=127.0.0.1:<port>` as its last stdout line; `status` prints
-# the same line when a broker answers (exit 0), else exits 1.
+# the same lines when a broker answers (exit 0), else exits 1. The
+# KAFKA_SASL_BROKERS line is left out for a broker this script did not start
+# (something else answering on KAFKA_PORT), whose listeners it does not know.
 
 set -euo pipefail
 
@@ -66,6 +82,8 @@ HOST=127.0.0.1
 BROKERS="$HOST:$KAFKA_PORT"
 
 [[ "$KAFKA_PORT" =~ ^[0-9]+$ ]] || die "KAFKA_PORT must be a number, got '$KAFKA_PORT'"
+[[ -z "${KAFKA_SASL_PORT:-}" || "$KAFKA_SASL_PORT" =~ ^[0-9]+$ ]] \
+    || die "KAFKA_SASL_PORT must be a number, got '$KAFKA_SASL_PORT'"
 
 # --------------------------------------------------------------------------
 # Jars
@@ -177,6 +195,18 @@ new_cluster_id() {
     done
 }
 
+# Print the stdout lines of our broker: KAFKA_SASL_BROKERS=... (unless its
+# state has no SASL port: a broker kept by an older version of this script),
+# then KAFKA_BROKERS=... last, which callers take with `sed | tail -n 1`.
+print_brokers() {
+    local sasl_port
+    sasl_port="$(state_get "$STATE_FILE" sasl_port)"
+    if [[ -n "$sasl_port" ]]; then
+        echo "KAFKA_SASL_BROKERS=$HOST:$sasl_port"
+    fi
+    echo "KAFKA_BROKERS=$BROKERS"
+}
+
 # Print the broker's log(s) tail to stderr.
 show_log_tail() {
     local data_dir="$1" f
@@ -188,15 +218,17 @@ show_log_tail() {
     done
 }
 
-# Wait until the broker logged "Kafka Server started" and the port accepts
-# connections. Returns 1 on timeout or if the process died.
+# Wait until the broker logged "Kafka Server started" and its client ports
+# accept connections. Returns 1 on timeout or if the process died.
 wait_ready() {
-    local pid="$1" data_dir="$2" deadline now next_note
+    local pid="$1" data_dir="$2" deadline now next_note sasl_port
+    sasl_port="$(state_get "$STATE_FILE" sasl_port)"
     deadline=$((SECONDS + KAFKA_START_TIMEOUT))
     next_note=$((SECONDS + 10))
     while :; do
         if grep -q 'Kafka Server started' "$data_dir/logs/server.log" 2>/dev/null \
-            && port_open "$HOST" "$KAFKA_PORT"; then
+            && port_open "$HOST" "$KAFKA_PORT" \
+            && { [[ -z "$sasl_port" ]] || port_open "$HOST" "$sasl_port"; }; then
             return 0
         fi
         if ! pid_alive "$pid"; then
@@ -218,7 +250,8 @@ wait_ready() {
 
 # launch DATA_DIR [format]: (formats the storage, then) starts the broker of
 # DATA_DIR/server.properties in the background, records its pid and waits
-# until it is ready. Prints KAFKA_BROKERS=... on success.
+# until it is ready. Prints KAFKA_SASL_BROKERS=... and KAFKA_BROKERS=... on
+# success.
 launch() {
     local data_dir="$1" format="${2:-}" pid
     local props="$data_dir/server.properties" log4j="$data_dir/log4j2.properties"
@@ -241,7 +274,11 @@ launch() {
         fi
     fi
 
-    log "starting Kafka $KAFKA_VERSION on $BROKERS (controller $HOST:$(state_get "$STATE_FILE" controller_port), data $data_dir)"
+    local sasl_note=""
+    if [[ -n "$(state_get "$STATE_FILE" sasl_port)" ]]; then
+        sasl_note=", SASL_PLAINTEXT $HOST:$(state_get "$STATE_FILE" sasl_port)"
+    fi
+    log "starting Kafka $KAFKA_VERSION on $BROKERS (controller $HOST:$(state_get "$STATE_FILE" controller_port)$sasl_note, data $data_dir)"
     # setsid + nohup: the broker outlives this script and its terminal; no
     # stdio is inherited, so `$(kafka.sh start)` returns once we exit.
     setsid nohup java "${jvm[@]}" kafka.Kafka "$props" \
@@ -255,18 +292,22 @@ launch() {
         die "Kafka did not start; logs kept in $data_dir/logs (next start cleans up)"
     fi
     log "Kafka is ready on $BROKERS (pid $pid) after ${SECONDS}s"
-    echo "KAFKA_BROKERS=$BROKERS"
+    print_brokers
 }
 
 # Starts again a broker stopped with KAFKA_KEEP_DATA=1, on its own data and
 # ports.
 start_kept() {
-    local data_dir port
+    local data_dir port sasl_port
     data_dir="$(state_get "$STATE_FILE" data_dir)"
     port="$(state_get "$STATE_FILE" port)"
+    sasl_port="$(state_get "$STATE_FILE" sasl_port)"
     [[ "$port" == "$KAFKA_PORT" ]] || die "the kept broker in $STATE_DIR listened on $port, not KAFKA_PORT=$KAFKA_PORT"
     if port_open "$HOST" "$KAFKA_PORT"; then
         die "cannot start the kept broker: something else answers on $BROKERS"
+    fi
+    if [[ -n "$sasl_port" ]] && port_open "$HOST" "$sasl_port"; then
+        die "cannot start the kept broker: something else answers on its SASL_PLAINTEXT port $HOST:$sasl_port"
     fi
     ensure_java
     ensure_libs
@@ -296,7 +337,7 @@ cmd_start() {
                 die "broker on $BROKERS did not become ready"
             fi
         fi
-        echo "KAFKA_BROKERS=$BROKERS"
+        print_brokers
         return 0
     fi
     if kept_state; then
@@ -316,14 +357,24 @@ cmd_start() {
     ensure_java
     ensure_libs
 
-    local cport="${KAFKA_CONTROLLER_PORT:-}"
+    local cport="${KAFKA_CONTROLLER_PORT:-}" sport="${KAFKA_SASL_PORT:-}"
     if [[ -z "$cport" ]]; then
         cport=$((KAFKA_PORT + 1))
-        if port_in_use "$cport"; then
-            cport="$(free_port "$KAFKA_PORT")"
+        if [[ "$cport" == "$sport" ]] || port_in_use "$cport"; then
+            cport="$(free_port "$KAFKA_PORT" "$sport")"
         fi
     elif port_in_use "$cport"; then
         die "KAFKA_CONTROLLER_PORT $cport is already in use"
+    fi
+    if [[ -z "$sport" ]]; then
+        sport=$((KAFKA_PORT + 2))
+        if [[ "$sport" == "$cport" ]] || port_in_use "$sport"; then
+            sport="$(free_port "$KAFKA_PORT" "$cport")"
+        fi
+    elif [[ "$sport" == "$KAFKA_PORT" || "$sport" == "$cport" ]]; then
+        die "KAFKA_SASL_PORT $sport is the same as the broker or controller port"
+    elif port_in_use "$sport"; then
+        die "KAFKA_SASL_PORT $sport is already in use"
     fi
 
     if [[ -n "${KAFKA_DATA_DIR:-}" ]]; then
@@ -340,6 +391,7 @@ cmd_start() {
     {
         echo "port=$KAFKA_PORT"
         echo "controller_port=$cport"
+        echo "sasl_port=$sport"
         echo "data_dir=$data_dir"
         echo "version=$KAFKA_VERSION"
     } >"$STATE_FILE"
@@ -350,10 +402,13 @@ cmd_start() {
 process.roles=broker,controller
 node.id=1
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$cport
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,SASL_PLAINTEXT://$HOST:$sport,CONTROLLER://$HOST:$cport
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,SASL_PLAINTEXT://$HOST:$sport
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
+# SASL/PLAIN on the SASL_PLAINTEXT listener only, with one test-only user.
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$KAFKA_TEST_SASL_USERNAME="$KAFKA_TEST_SASL_PASSWORD";
 controller.quorum.bootstrap.servers=$HOST:$cport
 log.dirs=$data_dir/kraft-logs
 auto.create.topics.enable=true
@@ -369,6 +424,12 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=1000
+# The consumer group protocol (KIP-848) keeps its session and heartbeat on the broker: short ones,
+# so that tests see a killed member leave within seconds, as they do with the classic protocol.
+group.consumer.min.session.timeout.ms=3000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.heartbeat.interval.ms=500
+group.consumer.heartbeat.interval.ms=500
 num.network.threads=2
 num.io.threads=4
 EOF
@@ -440,7 +501,7 @@ cmd_status() {
     pid="$(running_pid)"
     if [[ -n "$pid" ]]; then
         log "running: pid $pid, $BROKERS, data $(state_get "$STATE_FILE" data_dir)"
-        echo "KAFKA_BROKERS=$BROKERS"
+        print_brokers
         return 0
     fi
     if port_open "$HOST" "$KAFKA_PORT"; then

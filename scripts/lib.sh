@@ -222,8 +222,17 @@ session_end() {
     exit "$rc"
 }
 
+# The one user of the SASL_PLAINTEXT (mechanism PLAIN) listener of the
+# broker that scripts/kafka.sh starts. Fixed, test-only credentials.
+KAFKA_TEST_SASL_USERNAME=booking-worker
+KAFKA_TEST_SASL_PASSWORD=booking-worker-secret
+
 # Uses KAFKA_BROKERS when it answers; otherwise starts a broker (on
 # KAFKA_PORT, default 9092) for this session. Exports KAFKA_BROKERS.
+# When it starts the broker, also exports KAFKA_SASL_BROKERS (its
+# SASL_PLAINTEXT listener) with KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD
+# (mechanism PLAIN). With a broker it did not start, it leaves those three as
+# the caller set them (possibly unset).
 session_kafka() {
     if [[ -n "${KAFKA_BROKERS:-}" ]] && brokers_answer "$KAFKA_BROKERS"; then
         log "using Kafka at $KAFKA_BROKERS"
@@ -232,10 +241,18 @@ session_kafka() {
             log "no broker answers at $KAFKA_BROKERS; starting one"
         fi
         SESSION_KAFKA=1
-        local out
+        local out sasl_brokers
         out="$(KAFKA_STATE_DIR="$SESSION_DIR/kafka" bash "$LIB_DIR/kafka.sh" start)"
         KAFKA_BROKERS="$(printf '%s\n' "$out" | sed -n 's/^KAFKA_BROKERS=//p' | tail -n 1)"
         [[ -n "$KAFKA_BROKERS" ]] || die "scripts/kafka.sh start printed no KAFKA_BROKERS line"
+        # No such line when kafka.sh found a broker it did not start.
+        sasl_brokers="$(printf '%s\n' "$out" | sed -n 's/^KAFKA_SASL_BROKERS=//p' | tail -n 1)"
+        if [[ -n "$sasl_brokers" ]]; then
+            KAFKA_SASL_BROKERS="$sasl_brokers"
+            KAFKA_SASL_USERNAME="$KAFKA_TEST_SASL_USERNAME"
+            KAFKA_SASL_PASSWORD="$KAFKA_TEST_SASL_PASSWORD"
+            export KAFKA_SASL_BROKERS KAFKA_SASL_USERNAME KAFKA_SASL_PASSWORD
+        fi
     fi
     export KAFKA_BROKERS
 }

@@ -12,6 +12,30 @@ use std::time::Duration;
 /// becomes `security.protocol=ssl`.
 pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROP_";
 
+/// The librdkafka properties that `KAFKA_PROP_*` may not set, because the worker's correctness
+/// relies on them (or a setting of its own sets them), with what to do instead.
+pub const REFUSED_PROPERTIES: &[(&str, &str)] = &[
+    ("group.id", "KAFKA_GROUP_ID sets it"),
+    ("bootstrap.servers", "KAFKA_BROKERS sets it"),
+    ("metadata.broker.list", "KAFKA_BROKERS sets it"),
+    (
+        "enable.auto.commit",
+        "the worker commits only offsets whose records are durable, through enable.auto.commit=true \
+         with enable.auto.offset.store=false",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the worker stores an offset only once its record is durable in PostgreSQL",
+    ),
+    ("auto.offset.reset", "KAFKA_START_FROM sets it"),
+    ("allow.auto.create.topics", "KAFKA_ALLOW_AUTO_CREATE_TOPICS sets it"),
+    ("group.protocol", "KAFKA_GROUP_PROTOCOL sets it"),
+    (
+        "enable.partition.eof",
+        "the partition threads read their queues without end-of-partition events",
+    ),
+];
+
 /// A configuration value that cannot be used, naming the variable and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {variable}={value:?}: expected {expected}")]
@@ -123,6 +147,37 @@ pub struct KafkaConfig {
     pub start_from: StartFrom,
     /// How long the first start waits for the subscribed topics' partitions to be known.
     pub topic_wait: Duration,
+    /// Whether subscribing asks the broker to create a missing topic.
+    pub allow_auto_create_topics: bool,
+    /// The consumer group protocol.
+    pub group_protocol: GroupProtocol,
+}
+
+/// Properties of the classic group protocol that librdkafka refuses under KIP-848's.
+const CLASSIC_ONLY_PROPERTIES: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+    "group.protocol.type",
+];
+
+/// `KAFKA_GROUP_PROTOCOL`: the consumer group protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// The classic protocol: the group leader assigns, eager or cooperative per
+    /// `partition.assignment.strategy`.
+    Classic,
+    /// KIP-848's protocol (Kafka 4's default for Java clients): the broker assigns, incrementally.
+    Consumer,
+}
+
+impl GroupProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
 }
 
 /// `KAFKA_START_FROM`: where a partition that has no committed offset starts.
@@ -165,6 +220,8 @@ pub struct PipelineConfig {
     pub batch_linger: Duration,
     pub channel_capacity: usize,
     pub max_payload_bytes: usize,
+    /// The cap on payload bytes in flight between the partition threads and the writers.
+    pub max_in_flight_bytes: usize,
     pub retry_max_backoff: Duration,
     /// Whether a booking adopts a matching row the Go worker wrote (no external id) instead of
     /// inserting a second one.
@@ -301,6 +358,16 @@ pub const VARIABLES: &[Variable] = &[
         help: "where a partition without a committed offset starts: earliest, latest or an RFC 3339 time",
     },
     Variable {
+        name: "KAFKA_ALLOW_AUTO_CREATE_TOPICS",
+        default: "true",
+        help: "subscribing asks the broker to create a missing topic (a mistyped name creates one too)",
+    },
+    Variable {
+        name: "KAFKA_GROUP_PROTOCOL",
+        default: "classic",
+        help: "consumer group protocol: classic, or consumer (KIP-848, assigned by the broker)",
+    },
+    Variable {
         name: "KAFKA_TOPIC_WAIT_SECS",
         default: "60",
         help: "how long the start waits for the subscribed topics' partitions before giving up (exit 5)",
@@ -364,6 +431,11 @@ pub const VARIABLES: &[Variable] = &[
         name: "MAX_PAYLOAD_BYTES",
         default: "65536",
         help: "larger records are dead-lettered as payload_too_large",
+    },
+    Variable {
+        name: "MAX_IN_FLIGHT_BYTES",
+        default: "8388608",
+        help: "payload bytes in flight to the writers before consumption pauses",
     },
     Variable {
         name: "RETRY_MAX_BACKOFF_MS",
@@ -498,24 +570,45 @@ impl Config {
             ),
             ("statistics.interval.ms".into(), stats_ms.to_string()),
         ];
-        let mut passthrough: Vec<(String, String)> = vars
+        let mut passthrough: Vec<(String, String, &str)> = vars
             .iter()
             .filter_map(|(k, v)| {
                 let name = k.strip_prefix(KAFKA_PROPERTY_PREFIX)?;
-                Some((name.to_ascii_lowercase().replace('_', "."), v.clone()))
+                Some((name.to_ascii_lowercase().replace('_', "."), v.clone(), k.as_str()))
             })
             .collect();
         passthrough.sort();
-        for (name, value) in passthrough {
+        for (name, value, variable) in passthrough {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
                 return Err(invalid(
-                    &format!("{KAFKA_PROPERTY_PREFIX}{name}"),
+                    variable,
                     &value,
                     "a librdkafka property name after the prefix, such as KAFKA_PROP_SECURITY_PROTOCOL",
                 ));
             }
+            if let Some((_, instead)) = REFUSED_PROPERTIES.iter().find(|(p, _)| *p == name) {
+                return Err(invalid(variable, &value, &format!("not to be set: {instead}")));
+            }
             properties.retain(|(k, _)| *k != name);
             properties.push((name, value));
+        }
+
+        let group_protocol = match env.raw("KAFKA_GROUP_PROTOCOL").map(str::trim) {
+            None | Some("") | Some("classic") => GroupProtocol::Classic,
+            Some("consumer") => GroupProtocol::Consumer,
+            Some(v) => return Err(invalid("KAFKA_GROUP_PROTOCOL", v, "classic or consumer")),
+        };
+        if group_protocol == GroupProtocol::Consumer {
+            for (name, value) in &properties {
+                if CLASSIC_ONLY_PROPERTIES.contains(&name.as_str()) {
+                    let variable = format!("{KAFKA_PROPERTY_PREFIX}{}", name.to_ascii_uppercase().replace('.', "_"));
+                    return Err(invalid(
+                        &variable,
+                        value,
+                        "not to be set with KAFKA_GROUP_PROTOCOL=consumer: the broker's group.consumer.* settings apply",
+                    ));
+                }
+            }
         }
 
         let kafka = KafkaConfig {
@@ -535,6 +628,8 @@ impl Config {
                 })?
             },
             topic_wait: Duration::from_secs(env.number("KAFKA_TOPIC_WAIT_SECS", 60u64, 1, 86_400)?),
+            allow_auto_create_topics: env.boolean("KAFKA_ALLOW_AUTO_CREATE_TOPICS", true)?,
+            group_protocol,
         };
         if kafka.booking_topic == kafka.cancellation_topic {
             return Err(invalid(
@@ -550,6 +645,7 @@ impl Config {
             batch_linger: Duration::from_millis(env.number("BATCH_LINGER_MS", 5u64, 0, 60_000)?),
             channel_capacity: env.number("CHANNEL_CAPACITY", 512usize, 1, 1_000_000)?,
             max_payload_bytes: env.number("MAX_PAYLOAD_BYTES", 65_536usize, 256, 64 << 20)?,
+            max_in_flight_bytes: env.number("MAX_IN_FLIGHT_BYTES", 8usize << 20, 64 << 10, 1 << 30)?,
             retry_max_backoff: Duration::from_millis(env.number("RETRY_MAX_BACKOFF_MS", 5_000u64, 10, 600_000)?),
             reject_halt_after: env.number("DB_REJECT_HALT_AFTER", 25u32, 0, 1_000_000)?,
             adopt_legacy_rows: env.boolean("ADOPT_LEGACY_ROWS", true)?,
@@ -817,6 +913,47 @@ mod tests {
             8_388_608,
             "an explicit property wins"
         );
+    }
+
+    #[test]
+    fn properties_the_worker_relies_on_cannot_be_passed_through() {
+        for (variable, value) in [
+            ("KAFKA_PROP_ENABLE_AUTO_OFFSET_STORE", "true"),
+            ("KAFKA_PROP_ENABLE_AUTO_COMMIT", "false"),
+            ("KAFKA_PROP_GROUP_ID", "other"),
+            ("KAFKA_PROP_AUTO_OFFSET_RESET", "latest"),
+            ("KAFKA_PROP_ALLOW_AUTO_CREATE_TOPICS", "false"),
+            ("KAFKA_PROP_GROUP_PROTOCOL", "consumer"),
+            ("KAFKA_PROP_BOOTSTRAP_SERVERS", "x:9092"),
+            ("KAFKA_PROP_ENABLE_PARTITION_EOF", "true"),
+        ] {
+            let err = Config::from_vars(&vars(&[(variable, value)])).unwrap_err();
+            assert_eq!(err.variable, variable);
+            assert!(err.expected.starts_with("not to be set"), "{err}");
+        }
+        assert!(Config::from_vars(&vars(&[("KAFKA_PROP_SECURITY_PROTOCOL", "ssl")])).is_ok());
+    }
+
+    #[test]
+    fn the_group_protocol_and_topic_creation_are_settings() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.kafka.group_protocol, GroupProtocol::Classic);
+        assert!(c.kafka.allow_auto_create_topics);
+        let c = Config::from_vars(&vars(&[
+            ("KAFKA_GROUP_PROTOCOL", "consumer"),
+            ("KAFKA_ALLOW_AUTO_CREATE_TOPICS", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(c.kafka.group_protocol, GroupProtocol::Consumer);
+        assert!(!c.kafka.allow_auto_create_topics);
+        let err = Config::from_vars(&vars(&[("KAFKA_GROUP_PROTOCOL", "eager")])).unwrap_err();
+        assert_eq!(err.variable, "KAFKA_GROUP_PROTOCOL");
+        let err = Config::from_vars(&vars(&[
+            ("KAFKA_GROUP_PROTOCOL", "consumer"),
+            ("KAFKA_PROP_SESSION_TIMEOUT_MS", "6000"),
+        ]))
+        .unwrap_err();
+        assert_eq!(err.variable, "KAFKA_PROP_SESSION_TIMEOUT_MS");
     }
 
     #[test]

@@ -939,13 +939,11 @@ fn kafka_broker_stopped_and_restarted_mid_stream_loses_and_doubles_nothing() {
     drop(broker);
 }
 
-fn three_instances_in_turns(name: &'static str, strategy: Option<&str>) {
+fn three_instances_in_turns(name: &'static str, extra: &[(&str, &str)]) {
     let Some(mut sc) = Scenario::new(name, Duration::from_secs(30)) else {
         return;
     };
-    let extra: Vec<(&str, &str)> = strategy
-        .map(|s| vec![("KAFKA_PROP_PARTITION_ASSIGNMENT_STRATEGY", s)])
-        .unwrap_or_default();
+    let extra = extra.to_vec();
     let a1 = sc.spawn(&format!("{name}-a1"), &extra);
     sc.publish();
     sc.at(0.08);
@@ -979,12 +977,20 @@ fn three_instances_in_turns(name: &'static str, strategy: Option<&str>) {
 
 #[test]
 fn three_instances_started_and_stopped_in_turns_eager_loses_and_doubles_nothing() {
-    three_instances_in_turns("group-eager", None);
+    three_instances_in_turns("group-eager", &[]);
 }
 
 #[test]
 fn three_instances_started_and_stopped_in_turns_cooperative_loses_and_doubles_nothing() {
-    three_instances_in_turns("group-coop", Some("cooperative-sticky"));
+    three_instances_in_turns(
+        "group-coop",
+        &[("KAFKA_PROP_PARTITION_ASSIGNMENT_STRATEGY", "cooperative-sticky")],
+    );
+}
+
+#[test]
+fn three_instances_started_and_stopped_in_turns_kip_848_consumer_protocol_loses_and_doubles_nothing() {
+    three_instances_in_turns("group-consumer", &[("KAFKA_GROUP_PROTOCOL", "consumer")]);
 }
 
 #[test]

@@ -261,7 +261,7 @@ fn a_topic_that_never_appears_stops_the_start_with_exit_5() {
     let worker = s.start_with(
         "notopic",
         &[
-            ("KAFKA_PROP_ALLOW_AUTO_CREATE_TOPICS", "false"),
+            ("KAFKA_ALLOW_AUTO_CREATE_TOPICS", "false"),
             ("KAFKA_TOPIC_WAIT_SECS", "3"),
         ],
     );

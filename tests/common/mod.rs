@@ -532,10 +532,13 @@ impl WorkerProcess {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("LOG_LEVEL", "info")
             .env("BATCH_LINGER_MS", "2")
-            .env("KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
-            .env("KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "500")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Short sessions for the classic protocol; under KIP-848's the broker keeps them.
+        if !env.iter().any(|(k, v)| k == "KAFKA_GROUP_PROTOCOL" && v == "consumer") {
+            cmd.env("KAFKA_PROP_SESSION_TIMEOUT_MS", "6000")
+                .env("KAFKA_PROP_HEARTBEAT_INTERVAL_MS", "500");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
