@@ -125,6 +125,37 @@ pub struct NewBooking<'a> {
     pub cancelled: bool,
 }
 
+/// The fields of new bookings as one array per column, to bind as parameters.
+struct BookingColumns<'a> {
+    users: Vec<i32>,
+    rooms: Vec<i32>,
+    guests: Vec<i32>,
+    starts: Vec<NaiveDate>,
+    start_instants: Vec<Option<DateTime<Utc>>>,
+    ends: Vec<NaiveDate>,
+    end_instants: Vec<Option<DateTime<Utc>>>,
+    payments: Vec<&'a str>,
+    externals: Vec<&'a str>,
+    cancelled: Vec<bool>,
+}
+
+impl<'a> BookingColumns<'a> {
+    fn new(bookings: &[NewBooking<'a>]) -> BookingColumns<'a> {
+        BookingColumns {
+            users: bookings.iter().map(|b| b.user_id).collect(),
+            rooms: bookings.iter().map(|b| b.room_id).collect(),
+            guests: bookings.iter().map(|b| b.guests).collect(),
+            starts: bookings.iter().map(|b| b.start_date).collect(),
+            start_instants: bookings.iter().map(|b| b.start_instant).collect(),
+            ends: bookings.iter().map(|b| b.end_date).collect(),
+            end_instants: bookings.iter().map(|b| b.end_instant).collect(),
+            payments: bookings.iter().map(|b| b.payment_id).collect(),
+            externals: bookings.iter().map(|b| b.external_id).collect(),
+            cancelled: bookings.iter().map(|b| b.cancelled).collect(),
+        }
+    }
+}
+
 /// For each booking (by index), the ids of the rows the Go worker wrote that it matches, lowest
 /// first: no external id; the same user, room, guests and payment id; each date either as written
 /// or as the day the server's time zone gives the event's instant (the Go worker bound the
@@ -137,15 +168,7 @@ pub fn find_legacy_matches<C: GenericClient>(
         return Ok(HashMap::new());
     }
     let index: Vec<i32> = (0..bookings.len() as i32).collect();
-    let users: Vec<i32> = bookings.iter().map(|b| b.user_id).collect();
-    let rooms: Vec<i32> = bookings.iter().map(|b| b.room_id).collect();
-    let guests: Vec<i32> = bookings.iter().map(|b| b.guests).collect();
-    let payments: Vec<&str> = bookings.iter().map(|b| b.payment_id).collect();
-    let starts: Vec<NaiveDate> = bookings.iter().map(|b| b.start_date).collect();
-    let start_instants: Vec<Option<DateTime<Utc>>> = bookings.iter().map(|b| b.start_instant).collect();
-    let ends: Vec<NaiveDate> = bookings.iter().map(|b| b.end_date).collect();
-    let end_instants: Vec<Option<DateTime<Utc>>> = bookings.iter().map(|b| b.end_instant).collect();
-    let externals: Vec<&str> = bookings.iter().map(|b| b.external_id).collect();
+    let c = BookingColumns::new(bookings);
     let rows = query(
         conn,
         "SELECT t.i, array_agg(b.id ORDER BY b.id) AS ids
@@ -161,15 +184,15 @@ pub fn find_legacy_matches<C: GenericClient>(
           GROUP BY t.i",
         &[
             (&index, Type::INT4_ARRAY),
-            (&users, Type::INT4_ARRAY),
-            (&rooms, Type::INT4_ARRAY),
-            (&guests, Type::INT4_ARRAY),
-            (&payments, Type::TEXT_ARRAY),
-            (&starts, Type::DATE_ARRAY),
-            (&start_instants, Type::TIMESTAMPTZ_ARRAY),
-            (&ends, Type::DATE_ARRAY),
-            (&end_instants, Type::TIMESTAMPTZ_ARRAY),
-            (&externals, Type::TEXT_ARRAY),
+            (&c.users, Type::INT4_ARRAY),
+            (&c.rooms, Type::INT4_ARRAY),
+            (&c.guests, Type::INT4_ARRAY),
+            (&c.payments, Type::TEXT_ARRAY),
+            (&c.starts, Type::DATE_ARRAY),
+            (&c.start_instants, Type::TIMESTAMPTZ_ARRAY),
+            (&c.ends, Type::DATE_ARRAY),
+            (&c.end_instants, Type::TIMESTAMPTZ_ARRAY),
+            (&c.externals, Type::TEXT_ARRAY),
         ],
     )?;
     rows.iter()
@@ -211,14 +234,7 @@ pub fn create_bookings<C: GenericClient>(
     if bookings.is_empty() {
         return Ok(HashMap::new());
     }
-    let users: Vec<i32> = bookings.iter().map(|b| b.user_id).collect();
-    let rooms: Vec<i32> = bookings.iter().map(|b| b.room_id).collect();
-    let guests: Vec<i32> = bookings.iter().map(|b| b.guests).collect();
-    let starts: Vec<NaiveDate> = bookings.iter().map(|b| b.start_date).collect();
-    let ends: Vec<NaiveDate> = bookings.iter().map(|b| b.end_date).collect();
-    let payments: Vec<&str> = bookings.iter().map(|b| b.payment_id).collect();
-    let externals: Vec<&str> = bookings.iter().map(|b| b.external_id).collect();
-    let cancelled: Vec<bool> = bookings.iter().map(|b| b.cancelled).collect();
+    let c = BookingColumns::new(bookings);
     let rows = query(
         conn,
         "INSERT INTO bookings
@@ -230,14 +246,14 @@ pub fn create_bookings<C: GenericClient>(
          ON CONFLICT (external_id) DO NOTHING
          RETURNING external_id::text AS external_id, id",
         &[
-            (&users, Type::INT4_ARRAY),
-            (&rooms, Type::INT4_ARRAY),
-            (&guests, Type::INT4_ARRAY),
-            (&starts, Type::DATE_ARRAY),
-            (&ends, Type::DATE_ARRAY),
-            (&payments, Type::TEXT_ARRAY),
-            (&externals, Type::TEXT_ARRAY),
-            (&cancelled, Type::BOOL_ARRAY),
+            (&c.users, Type::INT4_ARRAY),
+            (&c.rooms, Type::INT4_ARRAY),
+            (&c.guests, Type::INT4_ARRAY),
+            (&c.starts, Type::DATE_ARRAY),
+            (&c.ends, Type::DATE_ARRAY),
+            (&c.payments, Type::TEXT_ARRAY),
+            (&c.externals, Type::TEXT_ARRAY),
+            (&c.cancelled, Type::BOOL_ARRAY),
         ],
     )?;
     rows.iter()
