@@ -225,6 +225,7 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
                 before_commit: &|_| Ok(()),
             };
             let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules)?;
+            release_parked(conn.client(), result.more_parked, rules)?;
             let outcome = result.outcomes.into_iter().next();
             match &outcome {
                 Some(Outcome::DeadLettered(r)) => repository::note_replay_failure(
@@ -264,6 +265,23 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
     } else {
         ExitStatus::Ok
     }
+}
+
+/// Releases, a page per transaction, the parked cancellations a replayed booking left (it had
+/// more than one page of them).
+fn release_parked(
+    conn: &mut postgres::Client,
+    mut refs: Vec<String>,
+    rules: handlers::Rules<'_>,
+) -> Result<(), DbError> {
+    while !refs.is_empty() {
+        let page: Vec<&str> = refs.iter().map(String::as_str).collect();
+        let result = handlers::release_parked(conn, &page, rules)?;
+        let progress = result.released.iter().any(|(_, o)| *o != Outcome::Parked);
+        log::info!(released = result.released.len(); "parked cancellations of a replayed booking released");
+        refs = if progress { result.more_parked } else { Vec::new() };
+    }
+    Ok(())
 }
 
 /// `healthcheck`: 0 when `/healthz` answers 200, for Docker's HEALTHCHECK.

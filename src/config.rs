@@ -34,6 +34,14 @@ pub const REFUSED_PROPERTIES: &[(&str, &str)] = &[
         "enable.partition.eof",
         "the partition threads read their queues without end-of-partition events",
     ),
+    (
+        "isolation.level",
+        "the worker reads committed records only (read_committed): an aborted booking must not apply",
+    ),
+    (
+        "offset.store.method",
+        "offsets are stored in the group, through the broker",
+    ),
 ];
 
 /// A configuration value that cannot be used, naming the variable and what it accepts.
@@ -202,12 +210,13 @@ impl StartFrom {
         }
     }
 
-    /// librdkafka's `auto.offset.reset` for it. A time sets each such partition's offset itself,
-    /// and falls back to the end when no record is that recent.
+    /// librdkafka's `auto.offset.reset` for it. A time sets each such partition's offset itself;
+    /// where that look-up fails, the partition starts at the earliest record rather than skip any
+    /// (a replay is idempotent).
     pub fn offset_reset(self) -> &'static str {
         match self {
-            StartFrom::Earliest => "earliest",
-            StartFrom::Latest | StartFrom::Time(_) => "latest",
+            StartFrom::Earliest | StartFrom::Time(_) => "earliest",
+            StartFrom::Latest => "latest",
         }
     }
 }
@@ -841,7 +850,8 @@ mod tests {
         assert_eq!(start("2025-01-15T11:00:00+01:00"), Ok(StartFrom::Time(at.into())));
         assert_eq!(start("yesterday").unwrap_err().variable, "KAFKA_START_FROM");
         assert_eq!(StartFrom::Earliest.offset_reset(), "earliest");
-        assert_eq!(StartFrom::Time(at.into()).offset_reset(), "latest");
+        assert_eq!(StartFrom::Time(at.into()).offset_reset(), "earliest");
+        assert_eq!(StartFrom::Latest.offset_reset(), "latest");
     }
 
     #[test]

@@ -59,9 +59,11 @@ pub fn class_of(sqlstate: &str) -> ErrorClass {
         s if s.starts_with("57") => Transient,
         // Too many connections.
         "53300" => Transient,
-        // Connection exceptions; invalid transaction state, which covers a read-only standby
-        // after a failover (25006) and an idle-in-transaction timeout (25P03).
-        s if s.starts_with("08") || s.starts_with("25") => Transient,
+        // Connection exceptions; a read-only standby after a failover (25006), an
+        // idle-in-transaction or transaction timeout (25P03, 25P04). Other invalid transaction
+        // states are the worker's own mistakes: systemic.
+        "25006" | "25P03" | "25P04" => Transient,
+        s if s.starts_with("08") => Transient,
         // Snapshot too old.
         s if s.starts_with("72") => Transient,
         // Data exceptions, integrity violations, WITH CHECK OPTION, a row-level trigger refusing
@@ -438,6 +440,9 @@ mod tests {
             ("53300", Transient),
             ("25006", Transient),
             ("25P03", Transient),
+            ("25P04", Transient),
+            ("25P02", Systemic),
+            ("25001", Systemic),
             // systemic
             ("42703", Systemic),
             ("42P01", Systemic),

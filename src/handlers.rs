@@ -168,15 +168,33 @@ fn choose_adoptions<'a>(rows: &[NewBooking<'a>], matches: &HashMap<usize, Vec<i3
 }
 
 /// Adopts the Go worker's rows for the new bookings that match one; returns the row id of each
-/// booking adopted, by external id.
+/// booking adopted, by external id. A row that another transaction adopted first (a booking of
+/// another writer or instance with the same details) is looked for again among the others.
 fn adopt_legacy_rows(
     conn: &mut Transaction<'_>,
     new_bookings: &[(usize, NewBooking<'_>)],
 ) -> Result<HashMap<String, i32>, DbError> {
-    let rows: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
-    let matches = repository::find_legacy_matches(conn, &rows)?;
-    repository::adopt_bookings(conn, &choose_adoptions(&rows, &matches))
+    let mut pending: Vec<NewBooking<'_>> = new_bookings.iter().map(|(_, nb)| nb.clone()).collect();
+    let mut adopted = HashMap::new();
+    for _ in 0..ADOPTION_ROUNDS {
+        let matches = repository::find_legacy_matches(conn, &pending)?;
+        let chosen = choose_adoptions(&pending, &matches);
+        if chosen.is_empty() {
+            break;
+        }
+        let got = repository::adopt_bookings(conn, &chosen)?;
+        let raced = got.len() < chosen.len();
+        adopted.extend(got);
+        if !raced {
+            break;
+        }
+        pending.retain(|nb| !adopted.contains_key(nb.external_id));
+    }
+    Ok(adopted)
 }
+
+/// How often adoption looks again after another transaction took a matching row first.
+const ADOPTION_ROUNDS: usize = 3;
 
 /// The records of the batch that are dead letters already (a replay of the log): they stay so.
 fn already_dead_lettered(
@@ -300,14 +318,7 @@ fn apply_in_transaction(
             .chain(release.iter().copied()),
     );
     let released = repository::take_parked_cancellations(conn, &new_refs, PARKED_PAGE)?;
-    let more_parked: Vec<String> = if released.len() as i64 >= PARKED_PAGE {
-        distinct(released.iter().map(|p| p.booking_ref.as_str()))
-            .into_iter()
-            .map(str::to_string)
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let page_full = released.len() as i64 >= PARKED_PAGE;
     let missing_users = distinct(
         released
             .iter()
@@ -344,6 +355,17 @@ fn apply_in_transaction(
         nb.cancelled = born_cancelled.contains(nb.external_id);
     }
     let (created, refused) = create_isolating(conn, &rows)?;
+    // A full page may have left parked cancellations of these bookings (of any of them, as the
+    // page is shared); those of bookings that exist now are released in further transactions.
+    let more_parked: Vec<String> = if page_full {
+        new_refs
+            .iter()
+            .filter(|r| !refused.contains_key(**r))
+            .map(|r| r.to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (i, nb) in &new_bookings {
         let x = nb.external_id;
         outcomes[*i] = Some(match (adopted.get(x), created.get(x), refused.get(x)) {
@@ -376,10 +398,16 @@ fn apply_in_transaction(
                     Origin::Batch(i) => batch[i].meta().source(),
                     Origin::Released(j) => released[j].source(),
                 };
+                let parked_at = match request.origin {
+                    Origin::Batch(_) => None,
+                    // Parked again: it keeps the time it was first parked, so it still expires.
+                    Origin::Released(j) => Some(released[j].parked_at),
+                };
                 let parking = Parking {
                     source,
                     booking_ref: request.booking_ref,
                     user_ref: request.user_ref,
+                    parked_at,
                 };
                 parkings.push((request.origin, parking));
                 continue;

@@ -346,7 +346,9 @@ const OFFSET_LOOKUP: Duration = Duration::from_secs(10);
 
 impl WorkerContext {
     /// Under `KAFKA_START_FROM=<time>`: the partitions without a committed offset start at the
-    /// first record at or after that time (or at the end, when none is that recent).
+    /// first record at or after that time, or at the partition's end (its high watermark now)
+    /// when no record is that recent. A partition whose look-up fails starts at its earliest
+    /// record, so nothing after the time is skipped.
     fn position_at_time(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let StartFrom::Time(at) = self.start_from else {
             return;
@@ -366,17 +368,30 @@ impl WorkerContext {
         let found = match positioned {
             Ok(found) => found,
             Err(e) => {
-                log::warn!(error = e.to_string(); "could not look up KAFKA_START_FROM; those partitions start from the end");
+                log::warn!(error = e.to_string();
+                    "could not look up KAFKA_START_FROM; those partitions start from their earliest record");
                 return;
             }
         };
         for e in found.elements() {
-            let offset = match e.offset() {
-                Offset::Offset(o) if o >= 0 => Offset::Offset(o),
-                _ => Offset::End,
+            let offset = match (e.error(), e.offset()) {
+                (Ok(()), Offset::Offset(o)) if o >= 0 => Some(o),
+                (Ok(()), _) => consumer
+                    .fetch_watermarks(e.topic(), e.partition(), OFFSET_LOOKUP)
+                    .map(|(_, high)| high)
+                    .ok(),
+                (Err(_), _) => None,
             };
-            if tpl.set_partition_offset(e.topic(), e.partition(), offset).is_ok() {
-                log::info!(topic = e.topic(), partition = e.partition(), offset = format!("{offset:?}"),
+            let Some(offset) = offset else {
+                log::warn!(topic = e.topic(), partition = e.partition();
+                    "could not look up KAFKA_START_FROM; the partition starts from its earliest record");
+                continue;
+            };
+            if tpl
+                .set_partition_offset(e.topic(), e.partition(), Offset::Offset(offset))
+                .is_ok()
+            {
+                log::info!(topic = e.topic(), partition = e.partition(), offset,
                     start_from = at.to_rfc3339(); "no committed offset; starting from KAFKA_START_FROM");
             }
         }

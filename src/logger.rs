@@ -28,6 +28,24 @@ thread_local! {
 /// Where the lines go: stderr (true) or stdout, as chosen by [`init`].
 static TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Writes at once the lines this thread holds back (see [`in_one_write`]), and logs directly from
+/// now on: for a panic, whose line must not wait in a buffer that no one will flush.
+pub fn release_held() {
+    let lines = HELD.with(|h| h.try_borrow_mut().ok().and_then(|mut h| h.take()));
+    if let Some(lines) = lines.filter(|l| !l.is_empty()) {
+        write_now(&lines);
+    }
+}
+
+fn write_now(lines: &[u8]) {
+    let _ = if TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
+        std::io::stderr().lock().write_all(lines)
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(lines).and_then(|()| out.flush())
+    };
+}
+
 /// Runs `f` with the lines this thread logs held back, then writes them all at once: a writer logs
 /// one line per record of a committed batch, and one write per batch costs far less than one per
 /// line. The lines are written even if `f` panics.
@@ -40,15 +58,9 @@ pub fn in_one_write<R>(f: impl FnOnce() -> R) -> R {
     impl Drop for Flush {
         fn drop(&mut self) {
             let lines = HELD.with(|h| h.borrow_mut().take()).unwrap_or_default();
-            if lines.is_empty() {
-                return;
+            if !lines.is_empty() {
+                write_now(&lines);
             }
-            let _ = if TO_STDERR.load(std::sync::atomic::Ordering::Relaxed) {
-                std::io::stderr().lock().write_all(&lines)
-            } else {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&lines).and_then(|()| out.flush())
-            };
         }
     }
     let _flush = Flush;

@@ -117,6 +117,8 @@ fn exit_on_panic() {
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
+        // A panic while a writer's lines are held back for one write: they go out first.
+        logger::release_held();
         log::error!(thread = thread.as_str(), panic = message.as_str(), location = location.as_str();
             "a thread panicked; exiting so that the service manager restarts the worker (replay is idempotent)");
         log::logger().flush();

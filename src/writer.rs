@@ -223,6 +223,14 @@ impl WriterPool {
     }
 }
 
+/// Whether the circuit breaker looks at a transaction before it commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    Breaker,
+    /// A dead letter the breaker already allowed.
+    None,
+}
+
 /// Why a batch was not brought to an end.
 enum Stop {
     /// The database refused a record of it (SQLSTATE class 22 or 23).
@@ -281,10 +289,7 @@ impl Writer {
     fn process(&self, batch: &[Work]) -> Result<(), ()> {
         fail::fail_point!("writer-batch");
         match self.apply_until_done(batch) {
-            Ok(result) => {
-                self.log_result(batch, &result);
-                self.release_parked(result.more_parked)?;
-            }
+            Ok(result) => self.finish(batch, result)?,
             Err(Stop::Abandoned) => return Err(()),
             Err(Stop::Refused(error)) if batch.len() > 1 => {
                 log::warn!(error = error.to_string(), records = batch.len();
@@ -298,15 +303,24 @@ impl Writer {
         Ok(())
     }
 
+    /// Logs a committed batch, then releases whatever parked cancellations it left for further
+    /// pages.
+    fn finish(&self, batch: &[Work], result: BatchResult) -> Result<(), ()> {
+        self.log_result(batch, &result);
+        self.release_parked(result.more_parked)
+    }
+
     /// Releases, a page per transaction, the parked cancellations of bookings that had more than
     /// one page of them.
     fn release_parked(&self, mut refs: Vec<String>) -> Result<(), ()> {
         while !refs.is_empty() {
             let page: Vec<&str> = refs.iter().map(String::as_str).collect();
-            match self.apply_until_done_with(&[], &page) {
+            match self.apply_until_done_with(&[], &page, Guard::Breaker) {
                 Ok(result) => {
                     self.log_result(&[], &result);
-                    refs = result.more_parked;
+                    // A page that only parked again (its booking is gone) makes no progress.
+                    let progress = result.released.iter().any(|(_, o)| *o != Outcome::Parked);
+                    refs = if progress { result.more_parked } else { Vec::new() };
                 }
                 Err(Stop::Abandoned) => return Err(()),
                 Err(Stop::Refused(error)) => {
@@ -323,7 +337,7 @@ impl Writer {
     fn process_one(&self, work: &Work) -> Result<(), ()> {
         let single = std::slice::from_ref(work);
         match self.apply_until_done(single) {
-            Ok(result) => self.log_result(single, &result),
+            Ok(result) => self.finish(single, result)?,
             Err(Stop::Abandoned) => return Err(()),
             Err(Stop::Refused(error)) => self.dead_letter(work, error)?,
         }
@@ -338,20 +352,18 @@ impl Writer {
         while !self.halt.breaker().allows(std::iter::once(true)) {
             self.wait_out(&self.breaker_error(&error), &mut backoff, 1)?;
             match self.apply_until_done(std::slice::from_ref(work)) {
-                Ok(result) => {
-                    self.log_result(std::slice::from_ref(work), &result);
-                    return Ok(());
-                }
+                Ok(result) => return self.finish(std::slice::from_ref(work), result),
                 Err(Stop::Abandoned) => return Err(()),
                 Err(Stop::Refused(again)) => error = again,
             }
         }
+        // The breaker allowed this dead letter: it is stored whatever other writers count meanwhile.
         let rejected = [Work::Reject {
             meta: work.meta().clone(),
             rejection: Rejection::refused(error.sqlstate.as_deref(), error.message),
         }];
-        match self.apply_until_done(&rejected) {
-            Ok(result) => self.log_result(&rejected, &result),
+        match self.apply_until_done_with(&rejected, &[], Guard::None) {
+            Ok(result) => self.finish(&rejected, result)?,
             Err(Stop::Abandoned) => return Err(()),
             Err(Stop::Refused(error)) => {
                 // Storing a dead letter touches only the worker's own table; a refusal there means
@@ -375,9 +387,8 @@ impl Writer {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
             self.wait_out(&systemic, &mut backoff, 1)?;
-            if let Ok(result) = self.apply_until_done(rejected) {
-                self.log_result(rejected, &result);
-                return Ok(());
+            if let Ok(result) = self.apply_until_done_with(rejected, &[], Guard::None) {
+                return self.finish(rejected, result);
             }
         }
     }
@@ -411,14 +422,15 @@ impl Writer {
     /// as they last (halting the worker for a systemic one). Returns the result, a record's
     /// refusal, or [`Stop::Abandoned`] at shutdown.
     fn apply_until_done(&self, batch: &[Work]) -> Result<BatchResult, Stop> {
-        self.apply_until_done_with(batch, &[])
+        self.apply_until_done_with(batch, &[], Guard::Breaker)
     }
 
-    /// [`Writer::apply_until_done`], also releasing parked cancellations of `release`.
-    fn apply_until_done_with(&self, batch: &[Work], release: &[&str]) -> Result<BatchResult, Stop> {
+    /// [`Writer::apply_until_done`], also releasing parked cancellations of `release`, with or
+    /// without the circuit breaker's look before the commit.
+    fn apply_until_done_with(&self, batch: &[Work], release: &[&str], guard: Guard) -> Result<BatchResult, Stop> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
-            let result = self.try_apply(batch, release);
+            let result = self.try_apply(batch, release, guard);
             let label = match &result {
                 Ok(_) => "committed",
                 Err(e) => match e.class {
@@ -433,10 +445,8 @@ impl Writer {
                     self.running();
                     return Ok(result);
                 }
-                Err(e) if e.is(ErrorClass::Record) => {
-                    self.running();
-                    return Err(Stop::Refused(e));
-                }
+                // The halt, if any, lasts until a transaction commits.
+                Err(e) if e.is(ErrorClass::Record) => return Err(Stop::Refused(e)),
                 Err(e) => self
                     .wait_out(&e, &mut backoff, batch.len())
                     .map_err(|()| Stop::Abandoned)?,
@@ -446,10 +456,10 @@ impl Writer {
 
     /// One attempt at a batch, in one transaction, with the circuit breaker's last look before it
     /// commits. A connection that reached a read-only standby is dropped, not pooled.
-    fn try_apply(&self, batch: &[Work], release: &[&str]) -> Result<BatchResult, DbError> {
+    fn try_apply(&self, batch: &[Work], release: &[&str], guard: Guard) -> Result<BatchResult, DbError> {
         let mut conn = self.pool.get()?;
         let breaker = |result: &BatchResult| {
-            if self.halt.breaker().allows(result.outcomes.iter().map(is_refusal)) {
+            if guard == Guard::None || self.halt.breaker().allows(result.outcomes.iter().map(is_refusal)) {
                 return Ok(());
             }
             let last = result.outcomes.iter().rev().find_map(|o| match o {

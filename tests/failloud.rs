@@ -277,3 +277,43 @@ fn check_reaches_a_sasl_cluster_through_kafka_prop_settings() {
         String::from_utf8_lossy(&refused.stdout)
     );
 }
+
+#[test]
+fn parked_pages_reach_every_booking_and_a_refused_booking_does_not_hold_its_writer() {
+    let Some(s) = Setup::new("pages") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    // More than a page for one booking, one for another parked after them, and more than a page
+    // for a booking the database will refuse.
+    for _ in 0..600 {
+        s.cancel("many", "owner");
+    }
+    s.cancel("one", "owner");
+    for _ in 0..600 {
+        s.cancel("refused", "owner");
+    }
+    s.producer.flush();
+    let worker = s.start_with("pages", &[("WRITER_THREADS", "1"), ("BATCH_LINGER_MS", "300")]);
+    wait_for("every cancellation to be parked", WAIT, || {
+        s.db.value::<i64>("SELECT count(*) FROM booking_worker.pending_cancellations") == 1_201
+    });
+    s.book("many", "owner", "room_1");
+    s.book("one", "owner", "room_1");
+    let refused = booking_json("refused", "owner", "room_1", 2, "2025-01-15", "2025-01-18")
+        .replace("pay_refused", &"p".repeat(300));
+    s.producer.send(&s.bookings, "refused", refused.as_bytes(), &[]);
+    s.producer.flush();
+    s.wait_status("many", "Cancelled");
+    s.wait_status("one", "Cancelled");
+    wait_for("the refused booking's dead letter", WAIT, || {
+        s.db.dead_letters().iter().any(|l| l.booking_id.as_deref() == Some("refused"))
+    });
+    // Its cancellations stay parked, and the writer goes on.
+    s.book("after", "owner", "room_1");
+    s.producer.flush();
+    s.wait_status("after", "Accepted");
+    let parked: Vec<String> = s.db.parked();
+    assert_eq!(parked.len(), 600);
+    assert!(parked.iter().all(|r| r == "refused"));
+    assert_eq!(worker.terminate(WAIT), 0);
+}

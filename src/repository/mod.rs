@@ -422,6 +422,8 @@ pub struct Parking<'a> {
     pub source: Source<'a>,
     pub booking_ref: &'a str,
     pub user_ref: &'a str,
+    /// When it was first parked; `None`: now.
+    pub parked_at: Option<DateTime<Utc>>,
 }
 
 /// Parks cancellations. A record parked before, or already dead-lettered (a replay after expiry),
@@ -433,15 +435,22 @@ pub fn park_cancellations<C: GenericClient>(conn: &mut C, parked: &[Parking<'_>]
     let sources = SourceColumns::new(parked.iter().map(|p| &p.source));
     let booking_refs: Vec<&str> = parked.iter().map(|p| p.booking_ref).collect();
     let user_refs: Vec<&str> = parked.iter().map(|p| p.user_ref).collect();
-    let rest: [Param<'_>; 2] = [(&booking_refs, Type::TEXT_ARRAY), (&user_refs, Type::TEXT_ARRAY)];
+    let parked_at: Vec<Option<DateTime<Utc>>> = parked.iter().map(|p| p.parked_at).collect();
+    let rest: [Param<'_>; 3] = [
+        (&booking_refs, Type::TEXT_ARRAY),
+        (&user_refs, Type::TEXT_ARRAY),
+        (&parked_at, Type::TIMESTAMPTZ_ARRAY),
+    ];
     let params: Vec<Param<'_>> = sources.params().into_iter().chain(rest).collect();
     execute(
         conn,
         "INSERT INTO booking_worker.pending_cancellations
-             (topic, kafka_partition, kafka_offset, record_key, payload, baggage, booking_ref, user_ref)
-         SELECT t.* FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bytea[], $5::bytea[],
-                                $6::text[], $7::text[], $8::text[])
-                      AS t(topic, part, off, k, p, bag, b, u)
+             (topic, kafka_partition, kafka_offset, record_key, payload, baggage, booking_ref, user_ref,
+              parked_at)
+         SELECT t.topic, t.part, t.off, t.k, t.p, t.bag, t.b, t.u, COALESCE(t.at, now())
+           FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bytea[], $5::bytea[],
+                       $6::text[], $7::text[], $8::text[], $9::timestamptz[])
+                AS t(topic, part, off, k, p, bag, b, u, at)
           WHERE NOT EXISTS (SELECT 1 FROM booking_worker.dead_letters d
                              WHERE d.topic = t.topic AND d.kafka_partition = t.part AND d.kafka_offset = t.off)
          ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
