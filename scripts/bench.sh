@@ -134,7 +134,7 @@ total="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["record
 log "$total records in Kafka"
 
 fresh_db bench_batched
-log "run 1/3: the worker, default settings"
+log "run 1/4: the worker, default settings"
 batched="$(measure_worker bench_batched "batched-$RUN_ID" "$total")"
 if [[ "$ONLY_BATCHED" == 1 ]]; then
     printf '%s\n' "$batched"
@@ -143,15 +143,25 @@ fi
 
 fresh_db bench_single
 limit="${BENCH_BASELINE_MAX:-$total}"
-log "run 2/3: the worker with batching off (BATCH_SIZE=1), up to $limit records"
+log "run 2/4: the worker with batching off (BATCH_SIZE=1), up to $limit records"
 single="$(measure_worker bench_single "single-$RUN_ID" "$limit" BATCH_SIZE=1 BATCH_LINGER_MS=0)"
 
 fresh_db bench_ceiling
-log "run 3/3: the ceiling, the same rows as multi-row SQL, 500 per statement"
+log "run 3/4: the ceiling, the same rows as multi-row SQL, 500 per statement"
 python3 "$SCRIPT_DIR/bench_measure.py" --ceiling-sql "$LEDGER" --batch 500 >"$SESSION_DIR/ceiling.sql"
 start_ns="$(date +%s%N)"
 psql_db bench_ceiling -f "$SESSION_DIR/ceiling.sql" >/dev/null
 end_ns="$(date +%s%N)"
 ceiling="{\"records\": $total, \"seconds\": $(python3 -c "print(($end_ns - $start_ns) / 1e9)")}"
 
-python3 "$SCRIPT_DIR/bench_measure.py" --report "$batched" "$single" "$ceiling" --json "$JSON_OUT"
+fresh_db bench_copy
+log "run 4/4: the bulk-load limit, the same rows with one COPY in one transaction, every index in place"
+psql_db bench_copy -At -c "SELECT 'user|' || username || '|' || id FROM users UNION ALL
+                           SELECT 'room|' || internal_id || '|' || id FROM rooms" >"$SESSION_DIR/ids.txt"
+python3 "$SCRIPT_DIR/bench_measure.py" --copy-csv "$LEDGER" --ids "$SESSION_DIR/ids.txt" >"$SESSION_DIR/copy.csv"
+start_ns="$(date +%s%N)"
+psql_db bench_copy -1 -c "\\copy bookings (user_id, room_id, number_of_guests, start_date, end_date, payment_id, status, external_id) FROM '$SESSION_DIR/copy.csv' WITH (FORMAT csv)" >/dev/null
+end_ns="$(date +%s%N)"
+copy="{\"records\": $total, \"seconds\": $(python3 -c "print(($end_ns - $start_ns) / 1e9)")}"
+
+python3 "$SCRIPT_DIR/bench_measure.py" --report "$batched" "$single" "$ceiling" "$copy" --json "$JSON_OUT"

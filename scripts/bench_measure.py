@@ -137,33 +137,52 @@ def ceiling_sql(ledger_path, batch):
     return "\n".join(out)
 
 
+def copy_csv(ledger_path, ids_path):
+    """The ceiling's rows as CSV for COPY, user and room resolved through `ids_path` (lines of
+    `kind|name|id`, from the database)."""
+    ids = {}
+    for line in open(ids_path):
+        kind, name, value = line.rstrip("\n").split("|")
+        ids[(kind, name)] = value
+    out = []
+    for bid, b in json.load(open(ledger_path))["bookings"].items():
+        user, room = ids[("user", b["user"])], ids[("room", b["room"])]
+        quoted = '"' + bid.replace('"', '""') + '"'
+        out.append(f"{user},{room},2,2026-03-01,2026-03-04,\"pay_{bid}\",{b['status']},{quoted}")
+    return "\n".join(out)
+
+
 def fmt(v, digits=1):
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
-def report(batched, single, ceiling, json_out):
-    for r in (batched, single, ceiling):
+def report(batched, single, ceiling, copy, json_out):
+    for r in (batched, single, ceiling, copy):
         r["events_per_second"] = r["records"] / r["seconds"] if r["seconds"] else None
     b, s, c = batched["events_per_second"], single["events_per_second"], ceiling["events_per_second"]
+    k = copy["events_per_second"]
     table = {
         "batched": batched,
         "batching_off": single,
         "sql_ceiling": ceiling,
+        "copy_limit": copy,
         "ratios": {
             "batched_over_batching_off": round(b / s, 1) if b and s else None,
             "batched_over_ceiling": round(b / c, 3) if b and c else None,
+            "batched_over_copy": round(b / k, 3) if b and k else None,
         },
     }
     print()
     print(f"{'run':<16}{'records':>10}{'seconds':>10}{'events/s':>12}{'p50 ms':>9}{'p99 ms':>9}"
           f"{'peak RSS MiB':>14}{'CPU s':>8}")
-    for name, r in (("batched", batched), ("batching off", single), ("SQL ceiling", ceiling)):
+    for name, r in (("batched", batched), ("batching off", single), ("SQL ceiling", ceiling), ("COPY limit", copy)):
         print(f"{name:<16}{r['records']:>10,}{r['seconds']:>10.2f}{fmt(r['events_per_second'], 0):>12}"
               f"{fmt(r.get('p50_ms')):>9}{fmt(r.get('p99_ms')):>9}{fmt(r.get('peak_rss_mib')):>14}"
               f"{fmt(r.get('cpu_seconds')):>8}")
     ratios = table["ratios"]
     print(f"\nbatched / batching off: {ratios['batched_over_batching_off']}x    "
-          f"batched / SQL ceiling: {fmt((ratios['batched_over_ceiling'] or 0) * 100, 0)}%")
+          f"batched / SQL ceiling: {fmt((ratios['batched_over_ceiling'] or 0) * 100, 0)}%    "
+          f"batched / COPY limit: {fmt((ratios['batched_over_copy'] or 0) * 100, 0)}%")
     write(json_out, table)
 
 
@@ -191,7 +210,9 @@ def main():
     p.add_argument("--until", type=int)
     p.add_argument("--ceiling-sql")
     p.add_argument("--batch", type=int, default=500)
-    p.add_argument("--report", nargs=3)
+    p.add_argument("--report", nargs=4)
+    p.add_argument("--copy-csv")
+    p.add_argument("--ids")
     p.add_argument("--report-steady")
     p.add_argument("--rate", type=int)
     p.add_argument("--json")
@@ -200,6 +221,8 @@ def main():
         print(json.dumps(watch(a.pid, a.metrics, a.until)))
     elif a.ceiling_sql:
         print(ceiling_sql(a.ceiling_sql, a.batch))
+    elif a.copy_csv:
+        print(copy_csv(a.copy_csv, a.ids))
     elif a.report:
         report(*(json.loads(x) for x in a.report), a.json)
     elif a.report_steady:
