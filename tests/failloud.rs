@@ -306,7 +306,9 @@ fn parked_pages_reach_every_booking_and_a_refused_booking_does_not_hold_its_writ
     s.wait_status("many", "Cancelled");
     s.wait_status("one", "Cancelled");
     wait_for("the refused booking's dead letter", WAIT, || {
-        s.db.dead_letters().iter().any(|l| l.booking_id.as_deref() == Some("refused"))
+        s.db.dead_letters()
+            .iter()
+            .any(|l| l.booking_id.as_deref() == Some("refused"))
     });
     // Its cancellations stay parked, and the writer goes on.
     s.book("after", "owner", "room_1");
