@@ -8,6 +8,13 @@
 #   toolchain  Rust plus exactly the system packages CI builds with
 #              (scripts/install-deps.sh --build-only); also the Okteto dev image.
 #   build      compiles the worker with the command scripts/run.sh uses.
+#   prebuilt   instead of compiling: target/release/booking-worker from the
+#              build context (a binary built on a bookworm host), at the path
+#              where the build stage leaves its own.
+#   binary     the stage the binary comes from, chosen by BINARY_FROM: build
+#              (the default) or prebuilt. The tests build the image with
+#              `--build-arg BINARY_FROM=prebuilt` (scripts/container-image.sh);
+#              the runtime stage is the same either way.
 #   runtime    debian:bookworm-slim with the shared libraries the binary links
 #              (libssl3, zlib1g) and CA certificates; runs as uid 10001.
 #
@@ -21,6 +28,9 @@
 # --stop-timeout 45`, compose `stop_grace_period: 45s`, Kubernetes
 # `terminationGracePeriodSeconds: 45`. Replay is idempotent, so a kill is safe,
 # only slower to recover from.
+
+# Where the runtime stage takes the binary from: build or prebuilt (see above).
+ARG BINARY_FROM=build
 
 # ---- toolchain ---------------------------------------------------------------
 # Rust 1.95 is the oldest toolchain Cargo.lock builds with (parking_lot 0.13 and
@@ -48,6 +58,15 @@ COPY sql/ sql/
 # strips the binary, so thread dumps (gdb, eu-stack) show file:line.
 RUN cargo build --release --locked --bin booking-worker
 
+# ---- prebuilt ----------------------------------------------------------------
+# Only built with --build-arg BINARY_FROM=prebuilt: .dockerignore lets exactly
+# this file of target/ into the context.
+FROM scratch AS prebuilt
+COPY target/release/booking-worker /usr/src/booking-worker/target/release/booking-worker
+
+# ---- binary ------------------------------------------------------------------
+FROM ${BINARY_FROM} AS binary
+
 # ---- runtime -----------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
 LABEL org.opencontainers.image.title="booking-worker" \
@@ -62,7 +81,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 booking-worker \
     && useradd --system --uid 10001 --gid booking-worker --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin booking-worker
-COPY --from=build /usr/src/booking-worker/target/release/booking-worker /usr/local/bin/booking-worker
+COPY --from=binary /usr/src/booking-worker/target/release/booking-worker /usr/local/bin/booking-worker
 
 # Every setting is an environment variable (README, "Configuration"); none is
 # baked in but the metrics address, which the HEALTHCHECK below relies on

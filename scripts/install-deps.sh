@@ -8,6 +8,10 @@
 #     that the worker classifies errors by SQLSTATE, never by message text;
 #     the server translates its messages only into a locale the C library has
 #   - Java 17+ and Maven (the test Kafka broker, scripts/kafka.sh)
+#   - the container tests (scripts/container-image.sh, tests/container/):
+#     podman with runc, slirp4netns, uidmap, fuse-overlayfs and catatonit, and
+#     debootstrap with debian-archive-keyring for the local stand-in of
+#     debian:bookworm-slim (no image registry is needed)
 #   - rustup components rustfmt and clippy
 # Idempotent and quick when everything is present: each item is checked first,
 # and `apt-get update` runs at most once, only if something is missing.
@@ -86,6 +90,13 @@ if [[ "$build_only" -eq 0 ]]; then
     if ! deb_installed locales; then
         missing+=(locales)
     fi
+    # The container tests (see the header); installed without recommends,
+    # as everything here.
+    for pkg in podman runc slirp4netns uidmap fuse-overlayfs catatonit debootstrap debian-archive-keyring; do
+        if ! deb_installed "$pkg"; then
+            missing+=("$pkg")
+        fi
+    done
 fi
 
 if [[ ${#missing[@]} -gt 0 ]]; then
