@@ -1,5 +1,6 @@
 //! Runs `tests/packaging.sh`, the static checks of the Dockerfile, `.dockerignore`, the systemd unit
-//! and the Okteto manifest (no container engine or systemd runs where the tests run).
+//! and the Okteto manifest: what the real runs of `tests/container.rs` and `tests/systemd.rs` cannot
+//! tell apart (hadolint, `systemd-analyze verify`, shellcheck, the unit's settings).
 
 #[test]
 fn packaging_files_pass_their_checks() {
