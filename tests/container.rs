@@ -10,37 +10,9 @@ use common::{wait_for, Setup, WAIT};
 use std::collections::HashMap;
 use std::process::Command;
 
-/// The `KEY=value` lines a script printed on stdout.
-pub fn key_values(stdout: &[u8]) -> HashMap<String, String> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Runs a script of the repository with these variables; fails the test on a non-zero exit, and
-/// on exit 77 (podman cannot run here) unless services are not required.
+/// Runs a container script; `None` when podman cannot run here (and services are not required).
 fn script(path: &str, args: &[&str], env: &[(String, String)]) -> Option<HashMap<String, String>> {
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/").to_string() + path)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("BINARY", env!("CARGO_BIN_EXE_booking-worker"))
-        .output()
-        .expect("run a container script");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(77) {
-        assert!(
-            std::env::var("BOOKING_WORKER_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "podman cannot run here (scripts/install-deps.sh installs it): {stderr}"
-        );
-        eprintln!("SKIPPED: podman cannot run here: {stderr}");
-        return None;
-    }
-    assert!(out.status.success(), "{path} {args:?} failed:\n{stderr}");
-    Some(key_values(&out.stdout))
+    common::container_script(path, args, env).map(|(values, _)| values)
 }
 
 /// The worker's settings for this test, with short group sessions as the other tests use.

@@ -7,43 +7,8 @@
 mod common;
 
 use common::Setup;
-use std::collections::HashMap;
-use std::process::Command;
 
-fn key_values(stdout: &[u8]) -> HashMap<String, String> {
-    String::from_utf8_lossy(stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Runs a script of the repository; exit 77 means podman cannot run here, which fails the test
-/// when services are required.
-fn script(path: &str, args: &[&str], env: &[(String, String)]) -> Option<(HashMap<String, String>, String)> {
-    let out = Command::new("bash")
-        .arg(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("BINARY", env!("CARGO_BIN_EXE_booking-worker"))
-        .output()
-        .expect("run a systemd script");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() == Some(77) {
-        assert!(
-            std::env::var("BOOKING_WORKER_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "podman cannot run here (scripts/install-deps.sh installs it): {stderr}"
-        );
-        eprintln!("SKIPPED: podman cannot run here: {stderr}");
-        return None;
-    }
-    assert!(out.status.success(), "{path} {args:?} failed:\n{stderr}");
-    Some((
-        key_values(&out.stdout),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    ))
-}
+use common::container_script as script;
 
 #[test]
 fn the_unit_runs_the_worker_under_systemd() {

@@ -912,3 +912,45 @@ impl Setup {
         wait_for(&format!("{n} bookings"), WAIT, || self.db.bookings().len() >= n);
     }
 }
+
+/// The `KEY=value` lines a script printed on stdout.
+pub fn key_values(stdout: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs a container script of the repository (`scripts/container-image.sh`,
+/// `tests/container/*.sh`) with these variables and the test binary as `BINARY`: its `KEY=value`
+/// lines and its whole stdout. A non-zero exit fails the test; exit 77 (podman cannot run here)
+/// fails it too when services are required, and is `None` otherwise.
+pub fn container_script(
+    path: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> Option<(std::collections::HashMap<String, String>, String)> {
+    let out = Command::new("bash")
+        .arg(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("BINARY", env!("CARGO_BIN_EXE_booking-worker"))
+        .output()
+        .expect("run a container script");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(77) {
+        assert!(
+            std::env::var("BOOKING_WORKER_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "podman cannot run here (scripts/install-deps.sh installs it): {stderr}"
+        );
+        eprintln!("SKIPPED: podman cannot run here: {stderr}");
+        return None;
+    }
+    assert!(out.status.success(), "{path} {args:?} failed:\n{stderr}");
+    Some((
+        key_values(&out.stdout),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    ))
+}
