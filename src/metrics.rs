@@ -223,11 +223,13 @@ impl Metrics {
         self.channel_depth.set(n as i64);
     }
 
-    /// The worker halted (counted once per halt) or runs again.
+    /// The worker halted: one more halt.
+    pub fn count_halt(&self) {
+        self.halts.inc();
+    }
+
+    /// Whether the worker is halted now.
     pub fn set_halted(&self, halted: bool) {
-        if halted {
-            self.halts.inc();
-        }
         self.halted.set(i64::from(halted));
     }
 

@@ -510,8 +510,10 @@ impl Writer {
         let delay = backoff.next_delay();
         if error.is(ErrorClass::Systemic) {
             if self.halt.enter(self.number, error) == Transition::Halted {
-                self.metrics.set_halted(true);
+                self.metrics.count_halt();
             }
+            // The state after this change, whatever other writers changed meanwhile.
+            self.metrics.set_halted(self.halt.cause().is_some());
         } else {
             log::warn!(error = error.to_string(), attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64,
                 records; "database unavailable; retrying the batch");
@@ -525,7 +527,7 @@ impl Writer {
     /// The database took this writer's batch: it is no longer halted.
     fn running(&self) {
         if self.halt.leave(self.number) == Transition::Resumed {
-            self.metrics.set_halted(false);
+            self.metrics.set_halted(self.halt.cause().is_some());
         }
     }
 }

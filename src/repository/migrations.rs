@@ -245,9 +245,13 @@ fn run_statement(conn: &mut Client, statement: &str, lock_timeout: Duration) -> 
         match result {
             Err(e) if e.is(ErrorClass::Transient) && !conn.is_closed() => {
                 let delay = backoff.next_delay();
+                let msg = if e.sqlstate.as_deref() == Some("55P03") {
+                    "migration statement did not get its lock in time; retrying"
+                } else {
+                    "migration statement failed for a passing reason; retrying"
+                };
                 log::warn!(error = e.to_string(), attempt = backoff.attempts,
-                    lock_timeout_ms = lock_timeout.as_millis() as u64, retry_in_ms = delay.as_millis() as u64;
-                    "migration statement did not get its lock in time; retrying");
+                    lock_timeout_ms = lock_timeout.as_millis() as u64, retry_in_ms = delay.as_millis() as u64; "{msg}");
                 std::thread::sleep(delay);
             }
             other => return other,
