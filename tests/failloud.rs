@@ -16,7 +16,15 @@ fn a_panic_ends_the_process(tag: &str, failpoint: &str, thread_prefix: &str) {
     s.db.user("owner@example.com", "owner");
     s.db.room("room_1");
     let mut worker = s.start_with(tag, &[("FAILPOINTS", failpoint)]);
-    for i in 0..300 {
+    // In two parts, so that there is more than one batch whatever the timing.
+    for i in 0..100 {
+        s.book(&format!("p{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    wait_for("a first batch, or the exit", WAIT, || {
+        !s.db.bookings().is_empty() || !worker.is_running()
+    });
+    for i in 100..300 {
         s.book(&format!("p{i}"), "owner", "room_1");
     }
     s.producer.flush();
@@ -54,7 +62,7 @@ fn a_panic_ends_the_process(tag: &str, failpoint: &str, thread_prefix: &str) {
 
 #[test]
 fn a_writer_panic_ends_the_process_and_the_restart_loses_nothing() {
-    a_panic_ends_the_process("panic_writer", "writer-batch=3*off->panic", "writer-");
+    a_panic_ends_the_process("panic_writer", "writer-batch=1*off->panic", "writer-");
 }
 
 #[test]
