@@ -105,7 +105,15 @@ fn environment_help() -> String {
 /// the process the same way whether the panic happened on a worker thread or inside a librdkafka
 /// callback.
 fn exit_on_panic() {
+    static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     std::panic::set_hook(Box::new(|info| {
+        // The first panic speaks for the process; a thread that panics while it is ending waits
+        // for the exit, so that the log has one line and one cause.
+        if PANICKED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            loop {
+                std::thread::park();
+            }
+        }
         let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
         let payload = info.payload();
         let message = payload
