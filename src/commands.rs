@@ -3,13 +3,14 @@
 
 use crate::config::Config;
 use crate::database::{DbError, Pool};
-use crate::handlers::{self, Outcome};
+use crate::handlers;
 use crate::http;
 use crate::kafka::{self, TopicTable};
 use crate::models::Reason;
 use crate::offsets::TopicPartition;
+use crate::pipeline::Outcome;
+use crate::pipeline::{RecordMeta, Work};
 use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
-use crate::writer::{RecordMeta, Work};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::{Duration, Instant};
 

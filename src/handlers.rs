@@ -8,48 +8,11 @@
 
 use crate::database::{DbError, ErrorClass};
 use crate::models::{BookingEvent, CancellationEvent, Event, Reason, Rejection};
+use crate::pipeline::{Outcome, Work};
 use crate::repository::{self, BookingRow, DeadLetter, NewBooking, ParkedCancellation, Parking, Source};
-use crate::writer::Work;
 use postgres::{Client, Transaction};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-
-/// The end a record reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// A booking row was created.
-    Created { id: i32 },
-    /// A row the Go worker wrote for this booking was given its external id (nothing else).
-    Adopted { id: i32 },
-    /// The booking already existed: a redelivery.
-    Duplicate,
-    /// The booking went from Accepted to Cancelled.
-    Cancelled { id: i32 },
-    /// The booking was already cancelled: nothing changed.
-    AlreadyCancelled { id: i32 },
-    /// The booking does not exist yet: the cancellation waits for it.
-    Parked,
-    /// The record was dead-lettered before (a replay after its parked cancellation expired).
-    AlreadyDeadLettered,
-    /// Stored in the dead letters with its reason.
-    DeadLettered(Rejection),
-}
-
-impl Outcome {
-    /// The outcome's name in logs and metrics.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Created { .. } => "created",
-            Outcome::Adopted { .. } => "adopted",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Cancelled { .. } => "cancelled",
-            Outcome::AlreadyCancelled { .. } => "already_cancelled",
-            Outcome::Parked => "parked",
-            Outcome::AlreadyDeadLettered => "already_dead_lettered",
-            Outcome::DeadLettered(_) => "dead_lettered",
-        }
-    }
-}
 
 /// What a committed batch did: one outcome per record of the batch, in order, and the outcomes
 /// of parked cancellations that the batch's new bookings released.

@@ -13,12 +13,13 @@
 
 use crate::baggage::{self, HeaderBaggage};
 use crate::config::{KafkaConfig, StartFrom};
-use crate::http::{Assignment, Health};
+use crate::health::{Assignment, Health};
 use crate::metrics::Metrics;
 use crate::models::{EventKind, Reason, Rejection};
 use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::pipeline::{RecordMeta, Work};
 use crate::shutdown::Shutdown;
-use crate::writer::{Dispatcher, RecordMeta, Work};
+use crate::writer::Dispatcher;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::KafkaError;
@@ -162,11 +163,11 @@ pub struct WorkerContext {
     topics: TopicTable,
     start_from: StartFrom,
     state: Mutex<State>,
-    links: Links,
+    links: ConsumerWiring,
 }
 
 /// What the consumer shares with the rest of the worker.
-pub struct Links {
+pub struct ConsumerWiring {
     pub tracker: Arc<OffsetTracker>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
@@ -490,7 +491,7 @@ pub struct Worker {
 impl Worker {
     /// Creates the consumer and subscribes to the configured topics, once every one of them has
     /// partitions with leaders (so the first assignment covers them all).
-    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, links: Links) -> Result<Worker, StartError> {
+    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, links: ConsumerWiring) -> Result<Worker, StartError> {
         let topics = TopicTable::from_config(config);
         let context = WorkerContext {
             consumer: OnceLock::new(),

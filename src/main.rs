@@ -2,10 +2,10 @@
 //! handler, runs the chosen command and turns its result into an exit code. Only this file exits.
 
 use booking_worker::commands::{self, ExitStatus, Selection};
-use booking_worker::config::{self, Config, VARIABLES};
+use booking_worker::config::{self, Config, ConfigError, Settings};
 use booking_worker::logger;
 use booking_worker::shutdown::Shutdown;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -23,11 +23,14 @@ const EXIT_PANIC: i32 = 70;
     name = "booking-worker",
     version,
     about = "Consumes hotel booking and cancellation events from Kafka into PostgreSQL.",
-    after_help = environment_help(),
+    next_help_heading = "Settings (each from its environment variable, or the flag)",
+    after_help = AFTER_HELP,
 )]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 #[derive(Subcommand)]
@@ -78,24 +81,26 @@ enum DeadLetters {
     },
 }
 
-fn environment_help() -> String {
-    let mut out = String::from("Configuration comes from the environment:\n");
-    for v in VARIABLES {
-        let default = if v.default.is_empty() {
-            String::new()
-        } else {
-            format!(" [default: {}]", v.default)
-        };
-        out.push_str(&format!("  {:<30} {}{}\n", v.name, v.help, default));
-    }
-    out.push_str(
-        "\nExit codes: 0 success, 1 failure, 2 invalid configuration, 3 database unusable,\n\
-         4 Kafka client or broker failure, 5 topics missing, 6 dead letters still failing,\n\
-         7 a migration is pending that this worker may not apply (run `booking-worker migrate`\n\
-         as the owner of booking-management's tables), 70 a thread panicked,\n\
-         124 shutdown deadline passed, 130 second signal.",
-    );
-    out
+/// What `--help` says after the settings.
+const AFTER_HELP: &str = "\
+KAFKA_PROP_<NAME>: any librdkafka property, e.g. KAFKA_PROP_SECURITY_PROTOCOL=ssl sets
+security.protocol (underscores become dots); it overrides the worker's own settings, except those
+the worker relies on (refused with exit code 2).
+
+Exit codes: 0 success, 1 failure, 2 invalid configuration, 3 database unusable,
+4 Kafka client or broker failure, 5 topics missing, 6 dead letters still failing,
+7 a migration is pending that this worker may not apply (run `booking-worker migrate`
+as the owner of booking-management's tables), 70 a thread panicked,
+124 shutdown deadline passed, 130 second signal.";
+
+/// Parses the command line and the settings' environment variables. A refused setting is logged
+/// as one JSON line naming the variable and exits 2; other command-line errors, `--help` and
+/// `--version` are clap's own (usage errors exit 2 too).
+fn parse_command_line() -> Result<Cli, ConfigError> {
+    let parsed = config::hide_values(Cli::command())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    parsed.map_err(|e| ConfigError::from_clap(&e).unwrap_or_else(|| e.exit()))
 }
 
 /// Makes a panic in any thread end the process at once with [`EXIT_PANIC`], after one JSON line
@@ -141,19 +146,19 @@ fn main() -> ExitCode {
     booking_worker::allocator::use_one_arena();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run);
-    let level = match config::log_level_from_env() {
-        Ok(level) => level,
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("booking-worker: {e}");
+            logger::init("info", false);
+            log::error!(variable = e.variable.as_str(); "invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let command = cli.command.unwrap_or(Command::Run);
     let data_on_stdout = matches!(command, Command::DeadLetters(DeadLetters::List { .. }));
-    logger::init(&level, data_on_stdout);
+    logger::init(&cli.settings.log_level, data_on_stdout);
     exit_on_panic();
-    let config = match Config::from_env() {
+    let config = match Config::from_settings(&cli.settings) {
         Ok(config) => config,
         Err(e) => {
             log::error!(variable = e.variable.as_str(); "invalid configuration: {e}");

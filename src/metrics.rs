@@ -1,8 +1,8 @@
 //! Prometheus metrics of the worker, and the one-line JSON stats summary for those without
 //! Prometheus. One [`Metrics`] is created by `run` and shared by every thread.
 
-use crate::handlers::Outcome;
 use crate::models::EventKind;
+use crate::pipeline::Outcome;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,

@@ -11,96 +11,19 @@ use crate::budget::ByteBudget;
 use crate::config::PipelineConfig;
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
 use crate::halt::{Halt, Transition};
-use crate::handlers::{self, BatchResult, Outcome};
-use crate::http::Health;
+use crate::handlers::{self, BatchResult};
+use crate::health::Health;
 use crate::logger::{self, EventScope};
 use crate::metrics::Metrics;
 use crate::models::{Event, Reason, Rejection};
-use crate::offsets::{OffsetTracker, TopicPartition};
-use crate::repository::{ParkedCancellation, Source};
+use crate::offsets::OffsetTracker;
+use crate::pipeline::{Outcome, Work};
+use crate::repository::ParkedCancellation;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// A consumed record with everything needed to store it anywhere.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordMeta {
-    pub tp: TopicPartition,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Vec<u8>,
-    pub baggage: Option<String>,
-    pub received_at: Instant,
-    /// The record's Kafka timestamp (producer create time, or the broker's log-append time), in
-    /// milliseconds since the epoch.
-    pub produced_at_ms: Option<i64>,
-}
-
-impl RecordMeta {
-    /// The bytes this record holds in memory, as [`ByteBudget`] counts them.
-    pub fn bytes(&self) -> usize {
-        self.payload.len() + self.key.as_ref().map_or(0, Vec::len) + self.baggage.as_ref().map_or(0, String::len)
-    }
-
-    pub fn source(&self) -> Source<'_> {
-        Source {
-            topic: &self.tp.topic,
-            partition: self.tp.partition,
-            offset: self.offset,
-            key: self.key.as_deref(),
-            payload: &self.payload,
-            baggage: self.baggage.as_deref(),
-        }
-    }
-}
-
-/// What travels from the partition threads to the writers: the only message of that channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Work {
-    /// A valid event to apply.
-    Apply { meta: RecordMeta, event: Event },
-    /// A record that failed decoding, to dead-letter.
-    Reject { meta: RecordMeta, rejection: Rejection },
-}
-
-impl Work {
-    pub fn meta(&self) -> &RecordMeta {
-        match self {
-            Work::Apply { meta, .. } | Work::Reject { meta, .. } => meta,
-        }
-    }
-
-    pub fn event(&self) -> Option<&Event> {
-        match self {
-            Work::Apply { event, .. } => Some(event),
-            Work::Reject { .. } => None,
-        }
-    }
-
-    fn scope(&self) -> EventScope {
-        let meta = self.meta();
-        EventScope {
-            topic: meta.tp.topic.to_string(),
-            partition: meta.tp.partition,
-            offset: meta.offset,
-            booking_id: self.event().map(|e| e.booking_id().to_string()),
-            baggage: meta.baggage.clone(),
-        }
-    }
-
-    /// Which writer takes this record: by booking id, so one booking's records keep their order.
-    fn route(&self, writers: usize) -> usize {
-        let mut h = DefaultHasher::new();
-        match self {
-            Work::Apply { event, .. } => event.booking_id().hash(&mut h),
-            Work::Reject { meta, .. } => (meta.tp.partition, meta.offset).hash(&mut h),
-        }
-        (h.finish() % writers as u64) as usize
-    }
-}
 
 /// The sending side of the writer channels. Cloned into every partition thread.
 #[derive(Clone)]
@@ -154,7 +77,7 @@ impl Dispatcher {
 }
 
 /// What the writers share with the rest of the worker.
-pub struct WriterLinks {
+pub struct WriterWiring {
     pub pool: Pool,
     pub tracker: Arc<OffsetTracker>,
     pub metrics: Arc<Metrics>,
@@ -171,7 +94,7 @@ pub struct WriterPool {
 
 impl WriterPool {
     /// Starts `config.writers` threads named `writer-N`.
-    pub fn start(config: &PipelineConfig, links: WriterLinks) -> std::io::Result<(Dispatcher, WriterPool)> {
+    pub fn start(config: &PipelineConfig, links: WriterWiring) -> std::io::Result<(Dispatcher, WriterPool)> {
         let mut senders = Vec::with_capacity(config.writers);
         let mut handles = Vec::with_capacity(config.writers);
         for n in 1..=config.writers {
@@ -251,7 +174,7 @@ struct Writer {
     budget: Arc<ByteBudget>,
     adopt_legacy_rows: bool,
     /// Marks this writer dead for `/healthz` when the thread ends.
-    _alive: crate::http::Alive,
+    _alive: crate::health::Alive,
     batch_size: usize,
     linger: Duration,
     max_backoff: Duration,

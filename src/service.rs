@@ -1,0 +1,302 @@
+//! The running service: starts the worker's threads in the data's order (HTTP endpoint, database
+//! and migrations, writers, housekeeping, consumer), runs until shutdown, and stops them in reverse
+//! order, so that every record taken from Kafka is durable or redelivered.
+
+use crate::config::{Config, DatabaseConfig, MigrateMode};
+use crate::database::{Backoff, DbError, ErrorClass, Pool};
+use crate::halt::Halt;
+use crate::health::{Assignment, DatabaseProbe, Health, Readiness};
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+use crate::repository::{self, MigrateError};
+use crate::shutdown::Shutdown;
+use crate::writer::{WriterPool, WriterWiring};
+use crate::{budget, handlers, http, kafka, logger, writer};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Why the worker stopped other than by a clean shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("database cannot be used: {0}")]
+    Database(DbError),
+    #[error(
+        "migration(s) {} pending and not applied by this worker ({reason}): run `booking-worker migrate` \
+         as the owner of booking-management's tables, then start the worker again",
+        pending.join(", ")
+    )]
+    MigrationPending { pending: Vec<String>, reason: String },
+    #[error("kafka client failed: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    TopicsMissing(kafka::StartError),
+    #[error("could not start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("cannot serve METRICS_ADDR {addr}: {error}")]
+    Http { addr: String, error: std::io::Error },
+}
+
+impl RunError {
+    /// The process exit code for this failure (documented in the README).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Database(_) => 3,
+            RunError::Kafka(_) => 4,
+            RunError::TopicsMissing(_) => 5,
+            RunError::MigrationPending { .. } => 7,
+            RunError::Thread(_) | RunError::Http { .. } => 1,
+        }
+    }
+}
+
+/// The state every stage shares.
+struct Shared {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    halt: Arc<Halt>,
+    assignment: Arc<Assignment>,
+}
+
+/// Runs the worker until `shutdown` is triggered, then drains, commits and returns.
+pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    log::info!(
+        brokers = config.kafka.brokers.as_str(), group_id = config.kafka.group_id.as_str(),
+        group_protocol = config.kafka.group_protocol.as_str(),
+        db_host = config.database.host.as_str(), db_name = config.database.name.as_str(),
+        writers = config.pipeline.writers, batch_size = config.pipeline.batch_size;
+        "booking-worker starting"
+    );
+    let pool = Pool::new(&config.database).map_err(RunError::Database)?;
+    let shared = Shared {
+        metrics: Metrics::new(),
+        health: Health::new(),
+        halt: Arc::new(Halt::new(config.pipeline.reject_halt_after)),
+        assignment: Assignment::new(&kafka::TopicTable::from_config(&config.kafka).topics()),
+    };
+    let endpoint = serve_endpoint(&config, &pool, &shared, &shutdown)?;
+    let result = match wait_and_migrate(&pool, &shutdown, &config) {
+        Ok(true) => run_pipeline(&config, pool, shared, &shutdown),
+        Ok(false) => {
+            log::info!("shutdown before the database was reachable");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    shutdown.trigger();
+    if let Some(handle) = endpoint {
+        join_named(handle);
+    }
+    if result.is_ok() {
+        log::info!("booking-worker stopped cleanly");
+    }
+    result
+}
+
+/// Starts the `http` thread when `METRICS_ADDR` is not off.
+fn serve_endpoint(
+    config: &Config,
+    pool: &Pool,
+    shared: &Shared,
+    shutdown: &Shutdown,
+) -> Result<Option<JoinHandle<()>>, RunError> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(None);
+    };
+    let readiness = Readiness {
+        database: database_probe(pool.clone()),
+        assignment: Arc::clone(&shared.assignment),
+        halt: Arc::clone(&shared.halt),
+    };
+    let metrics = Arc::clone(&shared.metrics);
+    let served = http::serve(addr, metrics, Arc::clone(&shared.health), readiness, shutdown.clone());
+    served.map(Some).map_err(|error| RunError::Http {
+        addr: addr.to_string(),
+        error,
+    })
+}
+
+/// `/readyz`'s question to the database: a connection from the pool answers a trivial query.
+pub fn database_probe(pool: Pool) -> DatabaseProbe {
+    Box::new(move || {
+        pool.get_timeout(Duration::from_secs(2))
+            .and_then(|mut c| repository::ping(c.client()))
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// The writers, the housekeeping thread and the consumer, until shutdown; then the writers drain
+/// before the consumer commits its last offsets.
+fn run_pipeline(config: &Config, pool: Pool, shared: Shared, shutdown: &Shutdown) -> Result<(), RunError> {
+    let tracker = OffsetTracker::new();
+    let wiring = WriterWiring {
+        pool: pool.clone(),
+        tracker: tracker.clone(),
+        metrics: Arc::clone(&shared.metrics),
+        health: Arc::clone(&shared.health),
+        halt: shared.halt,
+        shutdown: shutdown.clone(),
+        budget: budget::ByteBudget::new(config.pipeline.max_in_flight_bytes),
+    };
+    let (dispatcher, writers) = WriterPool::start(&config.pipeline, wiring)?;
+    let housekeeping = spawn_housekeeping(
+        pool,
+        shutdown.clone(),
+        config,
+        Arc::clone(&shared.metrics),
+        &shared.health,
+    )?;
+    let wiring = kafka::ConsumerWiring {
+        tracker,
+        metrics: shared.metrics,
+        health: shared.health,
+        assignment: shared.assignment,
+        max_payload_bytes: config.pipeline.max_payload_bytes,
+        drain_timeout: config.pipeline.rebalance_drain_timeout,
+    };
+    let result = match kafka::Worker::start(&config.kafka, dispatcher, wiring) {
+        Ok(worker) => consume_until_shutdown(worker, writers, shutdown),
+        Err(e) => {
+            // The dispatcher went with the failed start, so the writers drain and stop.
+            shutdown.trigger();
+            writers.join();
+            Err(match e {
+                kafka::StartError::Kafka(e) => RunError::Kafka(e),
+                missing => RunError::TopicsMissing(missing),
+            })
+        }
+    };
+    shutdown.trigger();
+    join_named(housekeeping);
+    result
+}
+
+/// Polls on the `consumer-poll` thread until shutdown, drains the writers, then commits the
+/// offsets of every durable record and closes the consumer.
+fn consume_until_shutdown(worker: kafka::Worker, writers: WriterPool, shutdown: &Shutdown) -> Result<(), RunError> {
+    let poll_shutdown = shutdown.clone();
+    let poller = std::thread::Builder::new()
+        .name("consumer-poll".into())
+        .spawn(move || worker.poll_until(&poll_shutdown))?;
+    let consumer = poller.join();
+    log::info!("shutdown: draining writers");
+    writers.join();
+    match consumer {
+        Ok(consumer) => {
+            kafka::commit_final(&consumer);
+            log::info!("shutdown: closing the consumer");
+            drop(consumer);
+        }
+        Err(_) => log::error!("consumer thread panicked; offsets since the last commit will be consumed again"),
+    }
+    Ok(())
+}
+
+/// Waits for the database (retrying transient failures with backoff) and brings the worker's
+/// migrations up to date: applies them under `DB_MIGRATE=auto`, or only checks that none is
+/// pending under `off`. Returns false when shutdown came first.
+fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config) -> Result<bool, RunError> {
+    let mut backoff = Backoff::new(config.pipeline.retry_max_backoff);
+    loop {
+        match migrate_once(pool, &config.database) {
+            Ok(applied) => {
+                log::info!(applied = applied.join(","); "database ready; migrations up to date");
+                return Ok(true);
+            }
+            Err(MigrateError::Database(e)) if e.is(ErrorClass::Transient) => {
+                let delay = backoff.next_delay();
+                log::warn!(error = e.to_string(), attempt = backoff.attempts; "database not reachable yet; retrying");
+                if shutdown.sleep(delay) {
+                    return Ok(false);
+                }
+            }
+            Err(MigrateError::Database(e)) => return Err(RunError::Database(e)),
+            Err(MigrateError::NotAllowed { pending, error }) => {
+                let reason = match config.database.migrate {
+                    MigrateMode::Off => "DB_MIGRATE=off".to_string(),
+                    MigrateMode::Auto => format!("the role may not change the schema: {error}"),
+                };
+                return Err(RunError::MigrationPending { pending, reason });
+            }
+        }
+    }
+}
+
+/// One attempt at [`wait_and_migrate`], on a connection of its own that is closed afterwards.
+fn migrate_once(pool: &Pool, config: &DatabaseConfig) -> Result<Vec<String>, MigrateError> {
+    let mut conn = pool.get()?;
+    conn.discard();
+    if config.migrate == MigrateMode::Off {
+        let pending = repository::pending(conn.client())?;
+        if !pending.is_empty() {
+            return Err(MigrateError::NotAllowed {
+                pending,
+                error: DbError::systemic(None, "DB_MIGRATE=off"),
+            });
+        }
+        return Ok(Vec::new());
+    }
+    repository::migrate(conn.client(), config.migration_lock_timeout)
+}
+
+/// The `housekeeping` thread: expires parked cancellations into dead letters, keeps the parked
+/// gauge current, and logs the periodic stats line.
+fn spawn_housekeeping(
+    pool: Pool,
+    shutdown: Shutdown,
+    config: &Config,
+    metrics: Arc<Metrics>,
+    health: &Health,
+) -> std::io::Result<JoinHandle<()>> {
+    let ttl = config.pipeline.pending_cancellation_ttl;
+    let expiry_every = config.pipeline.pending_check_interval;
+    let stats_every = config.stats_log_interval;
+    let alive = health.register("housekeeping");
+    std::thread::Builder::new().name("housekeeping".into()).spawn(move || {
+        let _alive = alive;
+        let mut next_expiry = Instant::now() + expiry_every;
+        let mut next_stats = stats_every.map(|d| Instant::now() + d);
+        while !shutdown.sleep(Duration::from_millis(500)) {
+            let now = Instant::now();
+            if now >= next_expiry {
+                next_expiry = now + expiry_every;
+                expire_parked(&pool, ttl, &metrics);
+            }
+            if let (Some(due), Some(every)) = (next_stats, stats_every) {
+                if now >= due {
+                    next_stats = Some(now + every);
+                    metrics.summary().log();
+                }
+            }
+        }
+    })
+}
+
+fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
+    let mut log_page = |page: &[repository::ParkedCancellation]| {
+        metrics.record_expired(page.len());
+        logger::in_one_write(|| {
+            for p in page {
+                logger::with_event(writer::parked_scope(p), || {
+                    log::warn!(outcome = "dead_lettered", reason = "cancellation_expired";
+                        "parked cancellation expired; dead-lettered")
+                });
+            }
+        });
+    };
+    let result = pool.get().and_then(|mut conn| {
+        handlers::expire_parked(conn.client(), ttl, &mut log_page)?;
+        repository::count_parked(conn.client())
+    });
+    match result {
+        Ok(parked) => metrics.set_parked(parked),
+        Err(e) => log::warn!(error = e.to_string(); "could not expire parked cancellations; will retry"),
+    }
+}
+
+fn join_named(handle: JoinHandle<()>) {
+    let name = handle.thread().name().unwrap_or("thread").to_string();
+    if handle.join().is_err() {
+        log::error!(thread = name; "thread panicked");
+    }
+}
