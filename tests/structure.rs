@@ -1,0 +1,217 @@
+//! The shape of `src/`, checked without services: its modules form layers with no import cycle,
+//! every file opens with a `//!` line saying what it is for, and every function fits on a screen.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The longest a function in `src/` may be, in lines from its signature to its closing brace.
+const MAX_FUNCTION_LINES: usize = 60;
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
+
+fn src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+}
+
+/// The library's top-level module a file belongs to; `None` for the binaries.
+fn module_of(path: &Path) -> Option<String> {
+    let relative = path.strip_prefix(src()).unwrap();
+    let first = relative.components().next()?.as_os_str().to_str()?.to_string();
+    match first.as_str() {
+        "main.rs" | "lib.rs" | "bin" => None,
+        name => Some(name.trim_end_matches(".rs").to_string()),
+    }
+}
+
+/// The code of a file without its comments.
+fn code(text: &str) -> String {
+    text.lines()
+        .map(|line| line.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The top-level modules that `code` names through `crate::`, also inside `use crate::{…}`.
+fn referenced(code: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // Only the first segment of each item at the outer level of the group.
+            let (mut depth, mut start) = (0, true);
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => start = true,
+                    c if start && !c.is_whitespace() => {
+                        found.insert(ident(&group[j..]));
+                        start = false;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            found.insert(ident(rest));
+        }
+    }
+    found.retain(|m| !m.is_empty() && m != "self");
+    found
+}
+
+/// Which top-level module uses which.
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in rust_files(&src()) {
+        let Some(module) = module_of(&file) else { continue };
+        let uses = referenced(&code(&std::fs::read_to_string(&file).unwrap()));
+        let entry = graph.entry(module.clone()).or_default();
+        entry.extend(uses.into_iter().filter(|m| *m != module));
+    }
+    graph
+}
+
+/// A cycle through `graph`, as the modules along it, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_modules_of_src_have_no_import_cycle() {
+    let graph = module_graph();
+    assert!(graph.len() > 10, "found the modules: {graph:?}");
+    assert!(
+        graph["writer"].contains("handlers"),
+        "the graph sees `use crate::…`: {graph:?}"
+    );
+    if let Some(cycle) = find_cycle(&graph) {
+        panic!("import cycle: {}", cycle.join(" -> "));
+    }
+}
+
+#[test]
+fn the_cycle_check_finds_a_cycle_when_there_is_one() {
+    let edges = [
+        ("kafka", "writer"),
+        ("writer", "handlers"),
+        ("handlers", "kafka"),
+        ("handlers", "models"),
+    ];
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (from, to) in edges {
+        graph.entry(from.into()).or_default().insert(to.into());
+    }
+    assert_eq!(find_cycle(&graph).unwrap(), ["handlers", "kafka", "writer", "handlers"]);
+    graph.get_mut("handlers").unwrap().remove("kafka");
+    assert_eq!(find_cycle(&graph), None);
+    let uses = referenced("use crate::{a::B, b, c::{d, e}};\nlet x = crate::f::g();");
+    assert_eq!(uses.into_iter().collect::<Vec<_>>(), ["a", "b", "c", "f"]);
+}
+
+#[test]
+fn every_source_file_opens_with_a_line_saying_what_it_is_for() {
+    for file in rust_files(&src()) {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("//! "), "{} does not open with `//! `", file.display());
+    }
+}
+
+/// `(name, lines)` of every function in `text`: from a line declaring `fn` to the closing brace
+/// at the same indentation.
+fn functions(text: &str) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = &line[..line.len() - trimmed.len()];
+        let declaration = trimmed
+            .trim_start_matches("pub ")
+            .trim_start_matches("pub(crate) ")
+            .trim_start_matches("const ")
+            .trim_start_matches("unsafe ");
+        let Some(rest) = declaration.strip_prefix("fn ") else {
+            continue;
+        };
+        if line.trim_end().ends_with(';') {
+            continue;
+        }
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let close = format!("{indent}}}");
+        if let Some(end) = lines[i..].iter().position(|l| l.trim_end() == close) {
+            found.push((name, end + 1));
+        }
+    }
+    found
+}
+
+#[test]
+fn every_function_in_src_fits_on_a_screen() {
+    let mut long = Vec::new();
+    for file in rust_files(&src()) {
+        for (name, lines) in functions(&std::fs::read_to_string(&file).unwrap()) {
+            if lines > MAX_FUNCTION_LINES {
+                long.push(format!("{}: {name} ({lines} lines)", file.display()));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines:\n{}",
+        long.join("\n")
+    );
+}
+
+#[test]
+fn the_function_lengths_are_measured() {
+    let text = "fn a() {\n    x();\n}\n\n    pub fn b(\n        y: u8,\n    ) {\n        if y {\n        }\n    }\n";
+    assert_eq!(functions(text), [("a".to_string(), 3), ("b".to_string(), 6)]);
+}
