@@ -6,10 +6,10 @@ use crate::database::{DbError, Pool};
 use crate::handlers;
 use crate::http;
 use crate::kafka::{self, TopicTable};
+use crate::models::EventKind;
 use crate::models::Reason;
 use crate::offsets::TopicPartition;
-use crate::pipeline::Outcome;
-use crate::pipeline::{RecordMeta, Work};
+use crate::pipeline::{Outcome, RecordMeta, Work};
 use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::{Duration, Instant};
@@ -179,6 +179,46 @@ pub fn list_dead_letters(config: &Config, selection: &Selection, out: &mut dyn s
     }
 }
 
+/// Applies one dead letter again, on purpose, and marks it replayed or notes its new failure.
+fn replay_one(
+    pool: &Pool,
+    config: &Config,
+    row: &StoredDeadLetter,
+    kind: EventKind,
+) -> Result<Option<Outcome>, DbError> {
+    let meta = RecordMeta {
+        tp: TopicPartition::new(&row.record.topic, row.record.kafka_partition),
+        offset: row.record.kafka_offset,
+        key: row.record.record_key.clone(),
+        payload: row.record.payload.clone(),
+        baggage: row.record.baggage.clone(),
+        received_at: Instant::now(),
+        produced_at_ms: None,
+    };
+    let work = match kind.decode(&meta.payload, config.pipeline.max_payload_bytes) {
+        Ok(event) => Work::Apply { meta, event },
+        Err(rejection) => Work::Reject { meta, rejection },
+    };
+    let mut conn = pool.get()?;
+    let rules = handlers::Rules {
+        adopt_legacy_rows: config.pipeline.adopt_legacy_rows,
+        replaying_dead_letters: true,
+        before_commit: &|_| Ok(()),
+    };
+    let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules)?;
+    release_parked(conn.client(), result.more_parked, rules)?;
+    let outcome = result.outcomes.into_iter().next();
+    match &outcome {
+        Some(Outcome::DeadLettered(r)) => {
+            let sqlstate = r.sqlstate.as_deref();
+            repository::note_replay_failure(conn.client(), row.id, r.reason.as_str(), &r.error, sqlstate)?
+        }
+        Some(Outcome::AlreadyDeadLettered) | None => {}
+        Some(_) => repository::mark_replayed(conn.client(), row.id)?,
+    }
+    Ok(outcome)
+}
+
 /// `dead-letters replay`: runs each selected dead letter through the same handling again. One that
 /// now reaches another end is marked replayed; one that still fails keeps its row, with the new
 /// reason and error.
@@ -206,42 +246,7 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
             failing += 1;
             continue;
         };
-        let meta = RecordMeta {
-            tp: TopicPartition::new(&row.record.topic, row.record.kafka_partition),
-            offset: row.record.kafka_offset,
-            key: row.record.record_key.clone(),
-            payload: row.record.payload.clone(),
-            baggage: row.record.baggage.clone(),
-            received_at: Instant::now(),
-            produced_at_ms: None,
-        };
-        let work = match kind.decode(&meta.payload, config.pipeline.max_payload_bytes) {
-            Ok(event) => Work::Apply { meta, event },
-            Err(rejection) => Work::Reject { meta, rejection },
-        };
-        let result = pool.get().and_then(|mut conn| {
-            let rules = handlers::Rules {
-                adopt_legacy_rows: config.pipeline.adopt_legacy_rows,
-                replaying_dead_letters: true,
-                before_commit: &|_| Ok(()),
-            };
-            let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules)?;
-            release_parked(conn.client(), result.more_parked, rules)?;
-            let outcome = result.outcomes.into_iter().next();
-            match &outcome {
-                Some(Outcome::DeadLettered(r)) => repository::note_replay_failure(
-                    conn.client(),
-                    row.id,
-                    r.reason.as_str(),
-                    &r.error,
-                    r.sqlstate.as_deref(),
-                )?,
-                Some(Outcome::AlreadyDeadLettered) | None => {}
-                Some(_) => repository::mark_replayed(conn.client(), row.id)?,
-            }
-            Ok(outcome)
-        });
-        match result {
+        match replay_one(&pool, config, row, kind) {
             Ok(Some(Outcome::DeadLettered(r))) => {
                 failing += 1;
                 log::warn!(id = row.id, reason = r.reason.as_str(), error = r.error.as_str(); "still failing");

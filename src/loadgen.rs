@@ -92,57 +92,16 @@ pub fn plan(cfg: &PlanConfig) -> (Vec<Record>, Expected) {
 
     for n in 0..cfg.bookings {
         let id = format!("{}_{n}", cfg.id_prefix);
-        let owner = cfg.users[rng.usize(..cfg.users.len())].clone();
-        let room = cfg.rooms[rng.usize(..cfg.rooms.len())].clone();
-        let start_day = rng.u32(1..=20);
-        let nights = rng.u32(1..=7);
-        let payload = serde_json::json!({
-            "userId": owner, "roomId": room, "guests": rng.u32(1..=4),
-            "startDate": format!("2026-03-{start_day:02}T15:00:00Z"),
-            "endDate": format!("2026-03-{:02}", start_day + nights),
-            "bookingId": id, "paymentId": format!("pay_{id}"),
-        })
-        .to_string()
-        .into_bytes();
-        let booking = Record {
-            topic: Topic::Bookings,
-            key: id.clone(),
-            payload,
-            baggage: baggage(&mut rng, cfg.baggage_ratio, &id),
-        };
-
-        let mut status = "Accepted";
-        let cancel = (rng.f64() < cfg.cancel_ratio).then(|| {
-            let unauthorized = cfg.users.len() > 1 && rng.f64() < cfg.unauthorized_ratio;
-            let user = if unauthorized {
-                let others: Vec<&String> = cfg.users.iter().filter(|u| **u != owner).collect();
-                others[rng.usize(..others.len())].clone()
-            } else {
-                owner.clone()
-            };
-            if unauthorized {
-                *expected.dead_letters.entry("unauthorized").or_default() += 1;
-                expected.dead_letter_ids.push((id.clone(), "unauthorized"));
-            } else {
-                status = "Cancelled";
-            }
-            let payload = serde_json::json!({"bookingId": id, "userId": user, "timestamp": "2026-03-01T10:00:00Z"});
-            Record {
-                topic: Topic::Cancellations,
-                key: id.clone(),
-                payload: payload.to_string().into_bytes(),
-                baggage: baggage(&mut rng, cfg.baggage_ratio, &id),
-            }
-        });
+        let (booking, owner, room) = booking_record(cfg, &mut rng, &id);
+        let (cancel, status) = cancellation(cfg, &mut rng, &id, &owner, &mut expected);
         expected.bookings.insert(
             id.clone(),
             ExpectedBooking {
-                user: owner.clone(),
-                room: room.clone(),
+                user: owner,
+                room,
                 status,
             },
         );
-
         match cancel {
             Some(c) if rng.f64() < cfg.early_cancel_ratio => {
                 records.push(c);
@@ -160,23 +119,79 @@ pub fn plan(cfg: &PlanConfig) -> (Vec<Record>, Expected) {
         while let Some(pos) = late_cancels.iter().position(|(at, _)| *at <= records.len()) {
             records.push(late_cancels.swap_remove(pos).1);
         }
-
         bad_budget += cfg.bad_ratio;
         while bad_budget >= 1.0 {
             bad_budget -= 1.0;
-            let kind = BAD_KINDS[rng.usize(..BAD_KINDS.len())];
-            let bad_id = format!("{}_bad_{}", cfg.id_prefix, records.len());
-            records.push(bad_record(kind, &bad_id, &cfg.users[0], &cfg.rooms[0]));
-            *expected.dead_letters.entry(kind).or_default() += 1;
-            if !matches!(kind, "malformed_json" | "missing_field" | "invalid_header") {
-                expected.dead_letter_ids.push((bad_id, kind));
-            }
+            add_bad_record(cfg, &mut rng, &mut records, &mut expected);
         }
     }
     records.extend(late_cancels.into_iter().map(|(_, c)| c));
     expected.records = records.len();
     expected.dead_letter_ids.sort();
     (records, expected)
+}
+
+/// A booking of a random user and room, with its user and room.
+fn booking_record(cfg: &PlanConfig, rng: &mut fastrand::Rng, id: &str) -> (Record, String, String) {
+    let owner = cfg.users[rng.usize(..cfg.users.len())].clone();
+    let room = cfg.rooms[rng.usize(..cfg.rooms.len())].clone();
+    let start_day = rng.u32(1..=20);
+    let nights = rng.u32(1..=7);
+    let payload = serde_json::json!({
+        "userId": owner, "roomId": room, "guests": rng.u32(1..=4),
+        "startDate": format!("2026-03-{start_day:02}T15:00:00Z"),
+        "endDate": format!("2026-03-{:02}", start_day + nights),
+        "bookingId": id, "paymentId": format!("pay_{id}"),
+    });
+    let booking = Record {
+        topic: Topic::Bookings,
+        key: id.to_string(),
+        payload: payload.to_string().into_bytes(),
+        baggage: baggage(rng, cfg.baggage_ratio, id),
+    };
+    (booking, owner, room)
+}
+
+/// Perhaps a cancellation of the booking, by its owner or (refused) by another user, and the
+/// status the booking ends with.
+fn cancellation(
+    cfg: &PlanConfig,
+    rng: &mut fastrand::Rng,
+    id: &str,
+    owner: &str,
+    expected: &mut Expected,
+) -> (Option<Record>, &'static str) {
+    if rng.f64() >= cfg.cancel_ratio {
+        return (None, "Accepted");
+    }
+    let unauthorized = cfg.users.len() > 1 && rng.f64() < cfg.unauthorized_ratio;
+    let (user, status) = if unauthorized {
+        let others: Vec<&String> = cfg.users.iter().filter(|u| *u != owner).collect();
+        *expected.dead_letters.entry("unauthorized").or_default() += 1;
+        expected.dead_letter_ids.push((id.to_string(), "unauthorized"));
+        (others[rng.usize(..others.len())].clone(), "Accepted")
+    } else {
+        (owner.to_string(), "Cancelled")
+    };
+    let payload = serde_json::json!({"bookingId": id, "userId": user, "timestamp": "2026-03-01T10:00:00Z"});
+    let cancel = Record {
+        topic: Topic::Cancellations,
+        key: id.to_string(),
+        payload: payload.to_string().into_bytes(),
+        baggage: baggage(rng, cfg.baggage_ratio, id),
+    };
+    (Some(cancel), status)
+}
+
+/// Adds one bad record of a random kind, and the dead letter it becomes.
+fn add_bad_record(cfg: &PlanConfig, rng: &mut fastrand::Rng, records: &mut Vec<Record>, expected: &mut Expected) {
+    let kind = BAD_KINDS[rng.usize(..BAD_KINDS.len())];
+    let bad_id = format!("{}_bad_{}", cfg.id_prefix, records.len());
+    records.push(bad_record(kind, &bad_id, &cfg.users[0], &cfg.rooms[0]));
+    *expected.dead_letters.entry(kind).or_default() += 1;
+    if !matches!(kind, "malformed_json" | "missing_field" | "invalid_header") {
+        expected.dead_letter_ids.push((bad_id, kind));
+    }
 }
 
 fn baggage(rng: &mut fastrand::Rng, ratio: f64, id: &str) -> Option<Vec<u8>> {

@@ -3,6 +3,7 @@
 
 use crate::models::EventKind;
 use crate::pipeline::Outcome;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -14,6 +15,58 @@ const LATENCY_BUCKETS: [f64; 25] = [
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
+
+/// Each metric's name and help.
+type Describe = (&'static str, &'static str);
+
+const EVENTS: Describe = (
+    "booking_worker_events_total",
+    "Consumed records by topic and end: applied, duplicate, noop, parked, dead_lettered (with reason).",
+);
+const DEAD_LETTERS: Describe = ("booking_worker_dead_letters_total", "Dead letters written, by reason.");
+const PROCESSING: Describe = (
+    "booking_worker_processing_seconds",
+    "From consuming a record to its end being durable in PostgreSQL, by event type.",
+);
+const END_TO_END: Describe = (
+    "booking_worker_end_to_end_seconds",
+    "From the record's Kafka timestamp (when it was produced) to its end being durable in PostgreSQL, by event type.",
+);
+const TRANSACTIONS: Describe = (
+    "booking_worker_db_transactions_total",
+    "Batch transactions by result: committed, transient_error, systemic_error, record_error.",
+);
+const BATCH_SIZE: Describe = ("booking_worker_batch_size", "Records per committed batch transaction.");
+const BATCH_SIZE_BUCKETS: [f64; 11] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0];
+const LAG: Describe = (
+    "booking_worker_consumer_lag",
+    "Records between the stored offset and the partition's high watermark (librdkafka consumer_lag_stored).",
+);
+const PARKED: Describe = (
+    "booking_worker_parked_cancellations",
+    "Cancellations waiting for their booking.",
+);
+const CHANNEL_DEPTH: Describe = (
+    "booking_worker_channel_depth",
+    "Records queued between partition threads and writers.",
+);
+const IN_FLIGHT_BYTES: Describe = (
+    "booking_worker_in_flight_bytes",
+    "Payload bytes of records between partition threads and writers (capped by MAX_IN_FLIGHT_BYTES).",
+);
+const ASSIGNED: Describe = ("booking_worker_assigned_partitions", "Partitions this instance holds.");
+const RELEASED: Describe = (
+    "booking_worker_released_cancellations_total",
+    "Parked cancellations applied or dead-lettered when their booking arrived.",
+);
+const HALTED: Describe = (
+    "booking_worker_halted",
+    "1 while the worker is halted because the database cannot take its writes (see /readyz for the SQLSTATE).",
+);
+const HALTS: Describe = (
+    "booking_worker_halts_total",
+    "Times the worker halted on a systemic database error or a tripped circuit breaker.",
+);
 
 /// Every metric the worker exports.
 pub struct Metrics {
@@ -36,130 +89,31 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let registry = Registry::new();
-        let events = IntCounterVec::new(
-            Opts::new(
-                "booking_worker_events_total",
-                "Consumed records by topic and end: applied, duplicate, noop, parked, dead_lettered (with reason).",
-            ),
-            &["topic", "outcome", "reason"],
-        )
-        .expect("valid metric");
-        let dead_letters = IntCounterVec::new(
-            Opts::new("booking_worker_dead_letters_total", "Dead letters written, by reason."),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let latency = HistogramVec::new(
-            HistogramOpts::new(
-                "booking_worker_processing_seconds",
-                "From consuming a record to its end being durable in PostgreSQL, by event type.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["event_type"],
-        )
-        .expect("valid metric");
-        let end_to_end = HistogramVec::new(
-            HistogramOpts::new(
-                "booking_worker_end_to_end_seconds",
-                "From the record's Kafka timestamp (when it was produced) to its end being durable in PostgreSQL, by event type.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["event_type"],
-        )
-        .expect("valid metric");
-        let transactions = IntCounterVec::new(
-            Opts::new(
-                "booking_worker_db_transactions_total",
-                "Batch transactions by result: committed, transient_error, systemic_error, record_error.",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new("booking_worker_batch_size", "Records per committed batch transaction.").buckets(vec![
-                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
-            ]),
-        )
-        .expect("valid metric");
-        let lag = IntGaugeVec::new(
-            Opts::new(
-                "booking_worker_consumer_lag",
-                "Records between the stored offset and the partition's high watermark (librdkafka consumer_lag_stored).",
-            ),
-            &["topic", "partition"],
-        )
-        .expect("valid metric");
-        let parked = IntGauge::new(
-            "booking_worker_parked_cancellations",
-            "Cancellations waiting for their booking.",
-        )
-        .expect("valid");
-        let channel_depth = IntGauge::new(
-            "booking_worker_channel_depth",
-            "Records queued between partition threads and writers.",
-        )
-        .expect("valid");
-        let in_flight_bytes = IntGauge::new(
-            "booking_worker_in_flight_bytes",
-            "Payload bytes of records between partition threads and writers (capped by MAX_IN_FLIGHT_BYTES).",
-        )
-        .expect("valid");
-        let assigned =
-            IntGauge::new("booking_worker_assigned_partitions", "Partitions this instance holds.").expect("valid");
-        let released = IntCounter::new(
-            "booking_worker_released_cancellations_total",
-            "Parked cancellations applied or dead-lettered when their booking arrived.",
-        )
-        .expect("valid metric");
-        let halted = IntGauge::new(
-            "booking_worker_halted",
-            "1 while the worker is halted because the database cannot take its writes (see /readyz for the SQLSTATE).",
-        )
-        .expect("valid metric");
-        let halts = IntCounter::new(
-            "booking_worker_halts_total",
-            "Times the worker halted on a systemic database error or a tripped circuit breaker.",
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(events.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(dead_letters.clone()),
-            Box::new(latency.clone()),
-            Box::new(end_to_end.clone()),
-            Box::new(transactions.clone()),
-            Box::new(batch_size.clone()),
-            Box::new(lag.clone()),
-            Box::new(parked.clone()),
-            Box::new(channel_depth.clone()),
-            Box::new(in_flight_bytes.clone()),
-            Box::new(assigned.clone()),
-            Box::new(released.clone()),
-            Box::new(halted.clone()),
-            Box::new(halts.clone()),
-        ] {
-            registry.register(c).expect("metric registered once");
-        }
+        let r = Registry::new();
         #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("process collector registered once");
         Arc::new(Metrics {
-            registry,
-            events,
-            dead_letters,
-            latency,
-            end_to_end,
-            transactions,
-            batch_size,
-            lag,
-            parked,
-            channel_depth,
-            in_flight_bytes,
-            assigned,
-            released,
-            halted,
-            halts,
+            events: counter_vec(&r, EVENTS, &["topic", "outcome", "reason"]),
+            dead_letters: counter_vec(&r, DEAD_LETTERS, &["reason"]),
+            latency: latency_histogram(&r, PROCESSING),
+            end_to_end: latency_histogram(&r, END_TO_END),
+            transactions: counter_vec(&r, TRANSACTIONS, &["result"]),
+            batch_size: registered(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(BATCH_SIZE.0, BATCH_SIZE.1).buckets(BATCH_SIZE_BUCKETS.to_vec()),
+                ),
+            ),
+            lag: registered(&r, IntGaugeVec::new(Opts::new(LAG.0, LAG.1), &["topic", "partition"])),
+            parked: gauge(&r, PARKED),
+            channel_depth: gauge(&r, CHANNEL_DEPTH),
+            in_flight_bytes: gauge(&r, IN_FLIGHT_BYTES),
+            assigned: gauge(&r, ASSIGNED),
+            released: registered(&r, IntCounter::new(RELEASED.0, RELEASED.1)),
+            halted: gauge(&r, HALTED),
+            halts: registered(&r, IntCounter::new(HALTS.0, HALTS.1)),
+            registry: r,
         })
     }
 
@@ -297,6 +251,29 @@ fn outcome_labels(outcome: &Outcome) -> (&'static str, &'static str) {
         Outcome::Parked => ("parked", ""),
         Outcome::DeadLettered(r) => ("dead_lettered", r.reason.as_str()),
     }
+}
+
+/// Registers a metric and returns it. The names and labels are fixed, so a failure is a defect.
+fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<M>) -> M {
+    let metric = metric.expect("a valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn counter_vec(registry: &Registry, (name, help): Describe, labels: &[&str]) -> IntCounterVec {
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(registry: &Registry, (name, help): Describe) -> IntGauge {
+    registered(registry, IntGauge::new(name, help))
+}
+
+/// A latency histogram in seconds, by event type.
+fn latency_histogram(registry: &Registry, (name, help): Describe) -> HistogramVec {
+    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+    registered(registry, HistogramVec::new(opts, &["event_type"]))
 }
 
 /// Totals since start, for the periodic stats line.

@@ -1,11 +1,13 @@
 //! `booking-loadgen`: publishes a planned stream of booking and cancellation events through a
 //! synchronous rdkafka producer, at a chosen rate and mix, and writes the expected end state.
 
-use booking_worker::loadgen::{plan, PlanConfig, Topic};
+use booking_worker::loadgen::{plan, PlanConfig, Record, Topic};
 use booking_worker::logger;
 use clap::Parser;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,119 +98,43 @@ impl ProducerContext for Deliveries {
     }
 }
 
+/// Why the load generator stopped early: the exit code and what to tell the user.
+struct Failure(u8, String);
+
 fn main() -> ExitCode {
     let args = Args::parse();
     logger::init("info", true);
-    for (name, value) in [
-        ("--cancel-ratio", args.cancel_ratio),
-        ("--early-cancel-ratio", args.early_cancel_ratio),
-        ("--unauthorized-ratio", args.unauthorized_ratio),
-        ("--duplicate-ratio", args.duplicate_ratio),
-        ("--bad-ratio", args.bad_ratio),
-        ("--baggage-ratio", args.baggage_ratio),
-    ] {
-        if !(0.0..=1.0).contains(&value) {
-            eprintln!("booking-loadgen: {name} must be between 0 and 1, got {value}");
-            return ExitCode::from(2);
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(Failure(code, message)) => {
+            eprintln!("booking-loadgen: {message}");
+            ExitCode::from(code)
         }
     }
-    if args.users.is_empty() || args.rooms.is_empty() || args.rate < 0.0 {
-        eprintln!("booking-loadgen: --users and --rooms need at least one value, --rate must be >= 0");
-        return ExitCode::from(2);
-    }
-    let id_prefix = args.id_prefix.clone().unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        format!("lg{secs}")
-    });
-    let (records, expected) = plan(&PlanConfig {
-        bookings: args.count,
-        cancel_ratio: args.cancel_ratio,
-        early_cancel_ratio: args.early_cancel_ratio,
-        unauthorized_ratio: args.unauthorized_ratio,
-        duplicate_ratio: args.duplicate_ratio,
-        bad_ratio: args.bad_ratio,
-        baggage_ratio: args.baggage_ratio,
-        users: args.users.clone(),
-        rooms: args.rooms.clone(),
-        id_prefix,
-        seed: args.seed,
-    });
+}
+
+/// Plans the stream, publishes it and prints a summary; `Ok(false)` when a delivery failed.
+fn run(args: &Args) -> Result<bool, Failure> {
+    check(args)?;
+    let (records, expected) = plan(&plan_config(args));
     if let Some(path) = &args.ledger {
         let json = serde_json::to_vec_pretty(&expected).expect("the ledger serializes");
-        if let Err(e) = std::fs::write(path, json) {
-            eprintln!("booking-loadgen: cannot write {}: {e}", path.display());
-            return ExitCode::from(1);
-        }
+        std::fs::write(path, json).map_err(|e| Failure(1, format!("cannot write {}: {e}", path.display())))?;
     }
-
-    let producer: BaseProducer<Deliveries> = match ClientConfig::new()
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("linger.ms", "5")
         .set("compression.type", &args.compression)
         .set("queue.buffering.max.messages", "200000")
         .set("enable.idempotence", "true")
         .create_with_context(Deliveries::default())
-    {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("booking-loadgen: cannot create the producer: {e}");
-            return ExitCode::from(4);
-        }
-    };
-
+        .map_err(|e| Failure(4, format!("cannot create the producer: {e}")))?;
     let started = Instant::now();
-    let mut last_report = Instant::now();
-    for (i, record) in records.iter().enumerate() {
-        if args.rate > 0.0 {
-            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-        }
-        let topic = match record.topic {
-            Topic::Bookings => &args.booking_topic,
-            Topic::Cancellations => &args.cancellation_topic,
-        };
-        let mut headers = OwnedHeaders::new();
-        if let Some(b) = &record.baggage {
-            headers = headers.insert(Header {
-                key: "Baggage",
-                value: Some(b.as_slice()),
-            });
-        }
-        let mut out = BaseRecord::to(topic)
-            .key(record.key.as_str())
-            .payload(record.payload.as_slice())
-            .headers(headers);
-        loop {
-            match producer.send(out) {
-                Ok(()) => break,
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                    r,
-                )) => {
-                    producer.poll(Duration::from_millis(20));
-                    out = r;
-                }
-                Err((e, _)) => {
-                    eprintln!("booking-loadgen: cannot produce to {topic}: {e}");
-                    return ExitCode::from(4);
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            log::info!(sent = i + 1, total = records.len(),
-                delivered = producer.context().ok.load(Ordering::Relaxed); "publishing");
-        }
-    }
-    if let Err(e) = producer.flush(Duration::from_secs(60)) {
-        eprintln!("booking-loadgen: flush failed: {e}");
-        return ExitCode::from(4);
-    }
+    publish(&producer, args, &records, started)?;
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(|e| Failure(4, format!("flush failed: {e}")))?;
     let elapsed = started.elapsed().as_secs_f64();
     let failed = producer.context().failed.load(Ordering::Relaxed);
     let summary = serde_json::json!({
@@ -222,9 +148,104 @@ fn main() -> ExitCode {
         "records_per_s": (records.len() as f64 / elapsed.max(1e-9)).round(),
     });
     println!("{summary}");
-    if failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+    Ok(failed == 0)
+}
+
+/// Refuses options that cannot make a stream (exit code 2).
+fn check(args: &Args) -> Result<(), Failure> {
+    for (name, value) in [
+        ("--cancel-ratio", args.cancel_ratio),
+        ("--early-cancel-ratio", args.early_cancel_ratio),
+        ("--unauthorized-ratio", args.unauthorized_ratio),
+        ("--duplicate-ratio", args.duplicate_ratio),
+        ("--bad-ratio", args.bad_ratio),
+        ("--baggage-ratio", args.baggage_ratio),
+    ] {
+        if !(0.0..=1.0).contains(&value) {
+            return Err(Failure(2, format!("{name} must be between 0 and 1, got {value}")));
+        }
     }
+    if args.users.is_empty() || args.rooms.is_empty() || args.rate < 0.0 {
+        let message = "--users and --rooms need at least one value, --rate must be >= 0";
+        return Err(Failure(2, message.to_string()));
+    }
+    Ok(())
+}
+
+fn plan_config(args: &Args) -> PlanConfig {
+    let id_prefix = args.id_prefix.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("lg{secs}")
+    });
+    PlanConfig {
+        bookings: args.count,
+        cancel_ratio: args.cancel_ratio,
+        early_cancel_ratio: args.early_cancel_ratio,
+        unauthorized_ratio: args.unauthorized_ratio,
+        duplicate_ratio: args.duplicate_ratio,
+        bad_ratio: args.bad_ratio,
+        baggage_ratio: args.baggage_ratio,
+        users: args.users.clone(),
+        rooms: args.rooms.clone(),
+        id_prefix,
+        seed: args.seed,
+    }
+}
+
+/// Sends every record at the chosen rate, reporting progress once a second.
+fn publish(
+    producer: &BaseProducer<Deliveries>,
+    args: &Args,
+    records: &[Record],
+    started: Instant,
+) -> Result<(), Failure> {
+    let mut last_report = Instant::now();
+    for (i, record) in records.iter().enumerate() {
+        if args.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let topic = match record.topic {
+            Topic::Bookings => &args.booking_topic,
+            Topic::Cancellations => &args.cancellation_topic,
+        };
+        send(producer, topic, record)?;
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            log::info!(sent = i + 1, total = records.len(),
+                delivered = producer.context().ok.load(Ordering::Relaxed); "publishing");
+        }
+    }
+    Ok(())
+}
+
+/// Sends one record, waiting while the producer's queue is full.
+fn send(producer: &BaseProducer<Deliveries>, topic: &str, record: &Record) -> Result<(), Failure> {
+    let mut headers = OwnedHeaders::new();
+    if let Some(b) = &record.baggage {
+        headers = headers.insert(Header {
+            key: "Baggage",
+            value: Some(b.as_slice()),
+        });
+    }
+    let mut out = BaseRecord::to(topic)
+        .key(record.key.as_str())
+        .payload(record.payload.as_slice())
+        .headers(headers);
+    loop {
+        match producer.send(out) {
+            Ok(()) => break,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                producer.poll(Duration::from_millis(20));
+                out = r;
+            }
+            Err((e, _)) => return Err(Failure(4, format!("cannot produce to {topic}: {e}"))),
+        }
+    }
+    producer.poll(Duration::ZERO);
+    Ok(())
 }
