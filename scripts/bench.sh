@@ -65,12 +65,6 @@ cd "$ROOT_DIR"
 log "building the release binaries"
 cargo build --release --locked --bins 2>&1 | tail -n 1 >&2
 
-psql_db() {
-    local db="$1"
-    shift
-    PGPASSWORD="$DB_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h "$DB_HOST" -p "$DB_PORT" -U "$DB_USER" -d "$db" "$@"
-}
-
 # A fresh database with the schema, the sample data and the worker's tables.
 # Every run starts from the same state: a new database and a checkpoint, so
 # no run pays for the previous one's dirty pages.

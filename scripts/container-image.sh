@@ -60,7 +60,7 @@ what="${1:-worker}"
 case "$what" in
     base | worker | systemd | all) ;;
     -h | --help)
-        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+        help_from_header "${BASH_SOURCE[0]}"
         exit 0
         ;;
     *) die "unknown argument: $what (usage: scripts/container-image.sh [worker|systemd|base|all])" ;;

@@ -40,7 +40,7 @@ DB_PORT="$(free_port "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT")"
 session_postgres || die "expected a throwaway PostgreSQL cluster"
 
 sql() {
-    PGPASSWORD="$DB_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h "$DB_HOST" -p "$DB_PORT" -U "$DB_USER" -d "$DB_NAME" "$@"
+    psql_db "$DB_NAME" "$@"
 }
 log "loading sql/schema.sql and sql/seed.sql"
 sql -f "$ROOT_DIR/sql/schema.sql" -f "$ROOT_DIR/sql/seed.sql" >/dev/null

@@ -38,7 +38,7 @@ for arg in "$@"; do
     case "$arg" in
         --build-only) build_only=1 ;;
         -h | --help)
-            awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+            help_from_header "${BASH_SOURCE[0]}"
             exit 0
             ;;
         *) die "unknown argument: $arg (usage: scripts/install-deps.sh [--build-only])" ;;
@@ -46,10 +46,7 @@ for arg in "$@"; do
 done
 
 # rustup installs cargo into ~/.cargo/bin; make it visible to a bare shell.
-if ! have cargo && [[ -f "$HOME/.cargo/env" ]]; then
-    # shellcheck source=/dev/null
-    . "$HOME/.cargo/env"
-fi
+load_cargo_env
 
 missing=()
 

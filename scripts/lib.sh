@@ -125,6 +125,20 @@ apt_install() {
     apt-get install -y -qq --no-install-recommends "$@" >&2
 }
 
+# help_from_header FILE: prints the comment block at the top of FILE (after
+# the #! line), without the leading "# ": a script's --help.
+help_from_header() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$1"
+}
+
+# psql_db DB [psql arguments]: psql as DB_USER on DB_HOST:DB_PORT, database
+# DB, stopping at the first error; the password goes through the environment.
+psql_db() {
+    local db="$1"
+    shift
+    PGPASSWORD="$DB_PASSWORD" psql -X -q -v ON_ERROR_STOP=1 -h "$DB_HOST" -p "$DB_PORT" -U "$DB_USER" -d "$db" "$@"
+}
+
 # True if the Debian package is installed.
 deb_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
@@ -182,12 +196,17 @@ brokers_answer() {
 
 LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-# Makes cargo reachable (rustup's env file) or dies.
-ensure_cargo() {
+# Puts rustup's cargo on PATH (its env file) when a bare shell lacks it.
+load_cargo_env() {
     if ! have cargo && [[ -f "$HOME/.cargo/env" ]]; then
         # shellcheck source=/dev/null
         . "$HOME/.cargo/env"
     fi
+}
+
+# Makes cargo reachable (rustup's env file) or dies.
+ensure_cargo() {
+    load_cargo_env
     have cargo || die "cargo not found: install Rust with rustup, then run scripts/install-deps.sh"
 }
 

@@ -44,6 +44,11 @@ elapsed() {
     awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f\n", b - a }'
 }
 
+# past START LIMIT: true once more than LIMIT seconds have gone by since START.
+past() {
+    awk -v e="$(elapsed "$1")" -v t="$2" 'BEGIN { exit !(e > t) }'
+}
+
 # http_status HOST:PORT PATH: the status code of GET PATH (HTTP/1.0), or 000
 # when nothing answers within 3 s.
 http_status() {
@@ -60,6 +65,17 @@ http_status() {
     else
         echo 000
     fi
+}
+
+# worker_status HOST:PORT: the status code of the worker's /healthz, or, when
+# that is 200 and WAIT_READY=1, of its /readyz.
+worker_status() {
+    local code
+    code="$(http_status "$1" /healthz)"
+    if [[ "$code" == 200 && "${WAIT_READY:-0}" == 1 ]]; then
+        code="$(http_status "$1" /readyz)"
+    fi
+    echo "$code"
 }
 
 # Names of the variables the worker reads: those of scripts/booking-worker.env

@@ -106,16 +106,13 @@ cmd_start() {
     local want=/healthz
     [[ "${WAIT_READY:-0}" != 1 ]] || want=/readyz
     while :; do
-        code="$(http_status "$addr" /healthz)"
-        if [[ "$code" == 200 && "$want" == /readyz ]]; then
-            code="$(http_status "$addr" /readyz)"
-        fi
+        code="$(worker_status "$addr")"
         [[ "$code" != 200 ]] || break
         if [[ "$(state '{{.State.Running}}')" != true ]]; then
             podman logs --tail 30 "$name" >&2 || true
             die "container $name exited with $(state '{{.State.ExitCode}}') before /healthz answered"
         fi
-        if awk -v e="$(elapsed "$t0")" -v t="$START_TIMEOUT" 'BEGIN { exit !(e > t) }'; then
+        if past "$t0" "$START_TIMEOUT"; then
             podman logs --tail 30 "$name" >&2 || true
             die "$want of $name did not answer 200 within ${START_TIMEOUT}s (last: $code)"
         fi

@@ -117,11 +117,6 @@ metrics_addr() {
     in_ctr sed -n 's/^METRICS_ADDR=//p' "$ENV_PATH" | tail -n 1
 }
 
-# past START LIMIT: true once more than LIMIT seconds have gone by since START.
-past() {
-    awk -v e="$(elapsed "$1")" -v t="$2" 'BEGIN { exit !(e > t) }'
-}
-
 journal_tail() {
     in_ctr journalctl --unit "$UNIT" --no-pager --lines 20 >&2 || true
 }
@@ -228,9 +223,8 @@ wait_active() {
     while :; do
         active="$(prop ActiveState)"
         pid="$(prop MainPID)"
-        if [[ "$active" == active && "$pid" != 0 && "$pid" != "$not_pid" ]] &&
-            [[ "$(http_status "$addr" /healthz)" == 200 ]] &&
-            [[ "${WAIT_READY:-0}" != 1 || "$(http_status "$addr" /readyz)" == 200 ]]; then
+        if [[ "$active" == active && "$pid" != 0 && "$pid" != "$not_pid" &&
+            "$(worker_status "$addr")" == 200 ]]; then
             return 0
         fi
         if [[ "$active" == failed ]]; then
