@@ -349,6 +349,16 @@ cgroup_path() {
     fi
 }
 
+# enforced UNIT_VALUE CGROUP_VALUE: enforced when the cgroup holds the unit's
+# limit (a number of bytes), else not-enforced.
+enforced() {
+    if [[ "$1" =~ ^[0-9]+$ && "$2" == "$1" ]]; then
+        echo enforced
+    else
+        echo not-enforced
+    fi
+}
+
 cmd_memorymax() {
     require_up
     local pid want_max want_high path file limit high_file high=""
@@ -375,11 +385,7 @@ cmd_memorymax() {
     echo "MEMORY_CGROUP=$path"
     echo "MEMORY_LIMIT_FILE=$file"
     echo "MEMORY_LIMIT=$limit"
-    if [[ "$want_max" =~ ^[0-9]+$ && "$limit" == "$want_max" ]]; then
-        echo "MEMORYMAX=enforced"
-    else
-        echo "MEMORYMAX=not-enforced"
-    fi
+    echo "MEMORYMAX=$(enforced "$want_max" "$limit")"
     # Does the kernel hold a unit to that limit here? A transient unit with
     # the same MemoryMax, in the same slice, grows a shell string past it.
     local probe="booking-worker-memory-probe-$$" mib
@@ -398,11 +404,7 @@ cmd_memorymax() {
     echo "UNIT_MEMORYHIGH=$want_high"
     echo "MEMORY_HIGH_FILE=${high_file:-none (cgroup v1 has no memory.high)}"
     echo "MEMORY_HIGH=${high:-none}"
-    if [[ "$want_high" =~ ^[0-9]+$ && "$high" == "$want_high" ]]; then
-        echo "MEMORYHIGH=enforced"
-    else
-        echo "MEMORYHIGH=not-enforced"
-    fi
+    echo "MEMORYHIGH=$(enforced "$want_high" "$high")"
 }
 
 case "$cmd" in
