@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full reliability run of booking-worker, in one command: provides Kafka
 # and PostgreSQL like scripts/test.sh, runs every scenario of
-# tests/reliability.rs at full size (50 000 bookings, about 10 000
+# tests/reliability/ at full size (50 000 bookings, about 10 000
 # cancellations, per scenario), each in its own process group with a time
 # limit, and prints one line per scenario: records published, applied,
 # dead-lettered, lost, duplicated, time to recover, longest pause between
@@ -92,7 +92,7 @@ log "building (cargo test --release --locked --test reliability --no-run)"
 cargo test --release --locked --test reliability --no-run
 
 mapfile -t ALL < <(cargo test --release --locked --test reliability -- --list 2>/dev/null | sed -n 's/: test$//p')
-[[ ${#ALL[@]} -gt 0 ]] || die "tests/reliability.rs lists no scenario"
+[[ ${#ALL[@]} -gt 0 ]] || die "tests/reliability/main.rs lists no scenario"
 SCENARIOS=()
 for name in "${ALL[@]}"; do
     if [[ $# -eq 0 ]]; then

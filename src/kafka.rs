@@ -2,7 +2,7 @@
 //! assigned topic-partition reading that partition's split queue, and the rebalance handling that
 //! starts and stops those threads and commits durable offsets.
 //!
-//! The rules learned from librdkafka and rust-rdkafka:
+//! How the consumer works with librdkafka:
 //! - a partition's queue is split in `pre_rebalance`, before `assign()`, or messages race onto the
 //!   main queue;
 //! - the main queue is still polled on its own thread: rebalances, commit results, statistics and
@@ -565,7 +565,7 @@ impl Worker {
     }
 
     fn store_progress(&self) {
-        store(&self.consumer, &self.context().links.tracker.take_changed());
+        store(&self.consumer, &self.context().links.tracker.take_to_store());
     }
 }
 
@@ -665,7 +665,7 @@ fn store(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64
 /// After the writers have drained: commit every durable watermark synchronously.
 pub fn commit_final(consumer: &BaseConsumer<WorkerContext>) {
     let tracker = &consumer.context().links.tracker;
-    tracker.take_changed();
+    tracker.take_to_store();
     let assignment: Vec<TopicPartition> = match consumer.assignment() {
         Ok(tpl) => tpl
             .elements()

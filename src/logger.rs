@@ -119,7 +119,7 @@ pub fn init(default_level: &str, to_stderr: bool) {
 /// warnings, errors and librdkafka), the event scope, then the call site's fields, which win over
 /// any of the others with the same name.
 pub fn render(record: &log::Record<'_>) -> String {
-    let mut fields = Fields(Vec::new());
+    let mut fields = KeyValues(Vec::new());
     let _ = record.key_values().visit(&mut fields);
     let mut line = Line {
         out: Vec::with_capacity(256),
@@ -181,9 +181,9 @@ impl Line<'_> {
 }
 
 /// The call site's fields, each name once (the last value given wins).
-struct Fields(Vec<(String, Value)>);
+struct KeyValues(Vec<(String, Value)>);
 
-impl<'kvs> VisitSource<'kvs> for Fields {
+impl<'kvs> VisitSource<'kvs> for KeyValues {
     fn visit_pair(&mut self, key: Key<'kvs>, value: KvValue<'kvs>) -> Result<(), log::kv::Error> {
         let json = if let Some(b) = value.to_bool() {
             Value::Bool(b)

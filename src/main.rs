@@ -4,7 +4,7 @@
 use booking_worker::commands::{self, ExitStatus, Selection};
 use booking_worker::config::{self, Config, ConfigError, Settings};
 use booking_worker::logger;
-use booking_worker::shutdown::Shutdown;
+use booking_worker::shutdown::{Latch, Shutdown};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -199,7 +199,7 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     let shutdown = Shutdown::new();
-    let finished = Shutdown::new();
+    let finished = Latch::new();
     let deadline = config.shutdown_timeout;
 
     let on_signal = shutdown.clone();

@@ -42,10 +42,10 @@ impl EventKind {
             ));
         }
         let object = parse_object(payload)?;
-        let fields = Fields(&object);
+        let fields = JsonObject(&object);
         match self {
-            EventKind::Booking => BookingEvent::from_fields(&fields).map(Event::Booking),
-            EventKind::Cancellation => CancellationEvent::from_fields(&fields).map(Event::Cancellation),
+            EventKind::Booking => BookingEvent::from_object(&fields).map(Event::Booking),
+            EventKind::Cancellation => CancellationEvent::from_object(&fields).map(Event::Cancellation),
         }
     }
 }
@@ -93,7 +93,7 @@ pub struct BookingEvent {
 }
 
 impl BookingEvent {
-    fn from_fields(f: &Fields) -> Result<BookingEvent, Rejection> {
+    fn from_object(f: &JsonObject) -> Result<BookingEvent, Rejection> {
         let booking_id = f.id("bookingId")?;
         let user_id = f.id("userId")?;
         let room_id = f.id("roomId")?;
@@ -131,7 +131,7 @@ pub struct CancellationEvent {
 }
 
 impl CancellationEvent {
-    fn from_fields(f: &Fields) -> Result<CancellationEvent, Rejection> {
+    fn from_object(f: &JsonObject) -> Result<CancellationEvent, Rejection> {
         let booking_id = f.id("bookingId")?;
         let user_id = f.id("userId")?;
         let timestamp = match f.0.get("timestamp") {
@@ -271,9 +271,9 @@ fn describe(value: &Value) -> &'static str {
     }
 }
 
-struct Fields<'a>(&'a Map<String, Value>);
+struct JsonObject<'a>(&'a Map<String, Value>);
 
-impl Fields<'_> {
+impl JsonObject<'_> {
     fn present(&self, name: &str) -> Result<&Value, Rejection> {
         match self.0.get(name) {
             None | Some(Value::Null) => Err(Rejection::new(Reason::MissingField, format!("{name} is missing"))),

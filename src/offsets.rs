@@ -121,8 +121,9 @@ impl OffsetTracker {
         self.changed.notify_all();
     }
 
-    /// Watermarks that moved since the last call, marking them as stored.
-    pub fn take_changed(&self) -> Vec<(TopicPartition, i64)> {
+    /// The watermarks that moved since the last call, for the consumer to store; each is
+    /// reported once.
+    pub fn take_to_store(&self) -> Vec<(TopicPartition, i64)> {
         let mut partitions = self.lock();
         let mut out = Vec::new();
         for (tp, w) in partitions.iter_mut() {
@@ -242,15 +243,15 @@ mod tests {
         t.assign(&tp);
         t.dispatched(&tp, 0);
         t.dispatched(&tp, 1);
-        assert_eq!(t.take_changed(), vec![(tp.clone(), 0)]);
-        assert!(t.take_changed().is_empty());
+        assert_eq!(t.take_to_store(), vec![(tp.clone(), 0)]);
+        assert!(t.take_to_store().is_empty());
         assert_eq!(t.wait_drained(std::slice::from_ref(&tp), Duration::from_millis(10)), 2);
         t.completed([(&tp, 0), (&tp, 1)]);
-        assert_eq!(t.take_changed(), vec![(tp.clone(), 2)]);
+        assert_eq!(t.take_to_store(), vec![(tp.clone(), 2)]);
         assert_eq!(t.wait_drained(std::slice::from_ref(&tp), Duration::from_millis(10)), 0);
         assert_eq!(t.revoke(&tp).and_then(|w| w.committable()), Some(2));
         t.dispatched(&tp, 3);
-        assert!(t.take_changed().is_empty(), "revoked partitions are not tracked");
+        assert!(t.take_to_store().is_empty(), "revoked partitions are not tracked");
     }
 
     #[test]

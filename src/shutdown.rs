@@ -1,13 +1,16 @@
-//! The shutdown trigger: a flag that a signal handler (or a test) sets, and that every loop of the
-//! worker watches.
+//! A latch that can be waited on: [`Shutdown`] is the one a signal handler (or a fatal error) sets
+//! and every loop of the worker watches; the binary uses another to learn that the worker finished.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// A cloneable handle on one shutdown flag.
+/// The latch that starts shutdown.
+pub type Shutdown = Latch;
+
+/// A cloneable handle on one flag that is set once and never cleared.
 #[derive(Debug, Clone, Default)]
-pub struct Shutdown {
+pub struct Latch {
     inner: Arc<Inner>,
 }
 
@@ -18,12 +21,12 @@ struct Inner {
     wake: Condvar,
 }
 
-impl Shutdown {
-    pub fn new() -> Shutdown {
-        Shutdown::default()
+impl Latch {
+    pub fn new() -> Latch {
+        Latch::default()
     }
 
-    /// Starts shutdown. Returns true the first time, false when it had already started.
+    /// Sets the latch. Returns true the first time, false when it was already set.
     pub fn trigger(&self) -> bool {
         let first = !self.inner.triggered.swap(true, Ordering::SeqCst);
         let _guard = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -35,7 +38,7 @@ impl Shutdown {
         self.inner.triggered.load(Ordering::SeqCst)
     }
 
-    /// Sleeps for `timeout`, waking early on shutdown. Returns true if shutdown has started.
+    /// Sleeps for `timeout`, waking early when the latch is set. Returns true if it is set.
     pub fn sleep(&self, timeout: Duration) -> bool {
         let guard = self.inner.lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_triggered() {

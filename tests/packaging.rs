@@ -1,6 +1,7 @@
-//! Runs `tests/packaging.sh`, the static checks of the Dockerfile, `.dockerignore`, the systemd unit
-//! and the Okteto manifest: what the real runs of `tests/container.rs` and `tests/systemd.rs` cannot
-//! tell apart (hadolint, `systemd-analyze verify`, shellcheck, the unit's settings).
+//! Runs `tests/packaging.sh`, the static checks of the packaging files that the real runs of
+//! `tests/container.rs` and `tests/systemd.rs` cannot make: the linters (hadolint,
+//! `systemd-analyze verify`, shellcheck), the Dockerfile's build stages and build context, and the
+//! drain deadline of the unit and the Okteto manifest.
 
 #[test]
 fn packaging_files_pass_their_checks() {

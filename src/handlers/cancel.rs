@@ -11,13 +11,13 @@ use std::collections::{HashMap, HashSet};
 pub(super) struct CancelRequest<'a> {
     pub booking_ref: &'a str,
     pub user_ref: &'a str,
-    pub origin: Origin,
+    pub at: CancelAt,
 }
 
 /// Where a cancellation being decided comes from: the batch's record at this index, or the
 /// released parked cancellation at this index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Origin {
+pub(super) enum CancelAt {
     Batch(usize),
     Released(usize),
 }
@@ -37,7 +37,7 @@ pub(super) fn cancelled_on_insert<'a>(
     requests: &[CancelRequest<'_>],
     users: &HashMap<String, i32>,
 ) -> HashSet<&'a str> {
-    let mut rows = Targets::new(
+    let mut rows = BookingsByReference::new(
         new.iter()
             .enumerate()
             .map(|(i, nb)| BookingRow {
@@ -103,21 +103,21 @@ pub(super) fn decide_cancel(
 
 /// The bookings that cancellations refer to, found by external id first and then, for all-digit
 /// references, by row id. Status changes made earlier in the batch are kept here.
-pub(super) struct Targets {
+pub(super) struct BookingsByReference {
     rows: Vec<BookingRow>,
     by_external: HashMap<String, usize>,
     by_id: HashMap<i32, usize>,
 }
 
-impl Targets {
-    pub(super) fn new(rows: Vec<BookingRow>) -> Targets {
+impl BookingsByReference {
+    pub(super) fn new(rows: Vec<BookingRow>) -> BookingsByReference {
         let by_external = rows
             .iter()
             .enumerate()
             .filter_map(|(i, r)| Some((r.external_id.clone()?, i)))
             .collect();
         let by_id = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
-        Targets {
+        BookingsByReference {
             rows,
             by_external,
             by_id,
@@ -145,7 +145,7 @@ mod tests {
         CancelRequest {
             booking_ref,
             user_ref,
-            origin: Origin::Batch(0),
+            at: CancelAt::Batch(0),
         }
     }
 

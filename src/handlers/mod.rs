@@ -13,7 +13,7 @@ use crate::database::{DbError, ErrorClass};
 use crate::models::{Event, Reason};
 use crate::pipeline::{Outcome, Work};
 use crate::repository::{self, DeadLetter, NewBooking, ParkedCancellation, Parking, Source};
-use cancel::{decide_cancel, CancelRequest, Origin, Targets, ACCEPTED};
+use cancel::{decide_cancel, BookingsByReference, CancelAt, CancelRequest, ACCEPTED};
 use plan::{distinct, LogPosition, Plan};
 use postgres::{Client, Transaction};
 use std::collections::{HashMap, HashSet};
@@ -255,22 +255,22 @@ fn cancel<'r>(
     requests: &[CancelRequest<'r>],
     released: &'r [ParkedCancellation],
     written_cancelled: &HashSet<i32>,
-) -> Result<Vec<(Origin, Parking<'r>)>, DbError> {
+) -> Result<Vec<(CancelAt, Parking<'r>)>, DbError> {
     let refs: Vec<&str> = requests.iter().map(|r| r.booking_ref).collect();
     let mut rows = repository::find_bookings_for_cancel(tx, &refs)?;
     for row in rows.iter_mut().filter(|row| written_cancelled.contains(&row.id)) {
         row.status = ACCEPTED.to_string();
     }
-    let mut targets = Targets::new(rows);
+    let mut targets = BookingsByReference::new(rows);
     let mut to_cancel = Vec::new();
     let mut parkings = Vec::new();
     for request in requests {
         let Some(row) = targets.find(request.booking_ref) else {
-            parkings.push((request.origin, parking(request, batch, released)));
+            parkings.push((request.at, parking(request, batch, released)));
             continue;
         };
         let outcome = decide_cancel(row, plan.users.get(request.user_ref).copied(), request, &mut to_cancel);
-        plan.set(request.origin, outcome);
+        plan.set(request.at, outcome);
     }
     let decided_on_insert = to_cancel.iter().filter(|id| written_cancelled.contains(id)).count();
     if decided_on_insert != written_cancelled.len() {
@@ -292,10 +292,10 @@ fn cancel<'r>(
 
 /// A cancellation to park, from the record it came in.
 fn parking<'r>(request: &CancelRequest<'r>, batch: &'r [Work], released: &'r [ParkedCancellation]) -> Parking<'r> {
-    let (source, parked_at) = match request.origin {
-        Origin::Batch(i) => (batch[i].meta().source(), None),
+    let (source, parked_at) = match request.at {
+        CancelAt::Batch(i) => (batch[i].meta().source(), None),
         // Parked again: it keeps the time it was first parked, so it still expires.
-        Origin::Released(j) => (released[j].source(), Some(released[j].parked_at)),
+        CancelAt::Released(j) => (released[j].source(), Some(released[j].parked_at)),
     };
     Parking {
         source,
@@ -307,18 +307,18 @@ fn parking<'r>(request: &CancelRequest<'r>, batch: &'r [Work], released: &'r [Pa
 
 /// Parks the cancellations whose booking does not exist yet. One replayed after it expired into
 /// a dead letter stays a dead letter.
-fn park(tx: &mut Transaction<'_>, plan: &mut Plan<'_>, parkings: Vec<(Origin, Parking<'_>)>) -> Result<(), DbError> {
+fn park(tx: &mut Transaction<'_>, plan: &mut Plan<'_>, parkings: Vec<(CancelAt, Parking<'_>)>) -> Result<(), DbError> {
     let sources: Vec<Source<'_>> = parkings.iter().map(|(_, p)| p.source.clone()).collect();
     let dead_before = repository::dead_lettered(tx, &sources)?;
     let mut to_park = Vec::new();
-    for (origin, parking) in parkings {
+    for (at, parking) in parkings {
         let s = &parking.source;
         let position = (s.topic.to_string(), s.partition, s.offset);
         if dead_before.contains(&position) {
-            plan.set(origin, Outcome::AlreadyDeadLettered);
+            plan.set(at, Outcome::AlreadyDeadLettered);
         } else {
             to_park.push(parking);
-            plan.set(origin, Outcome::Parked);
+            plan.set(at, Outcome::Parked);
         }
     }
     repository::park_cancellations(tx, &to_park)

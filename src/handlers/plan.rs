@@ -2,7 +2,7 @@
 //! has come to so far, and which bookings are new. The steps of the batch transaction read and
 //! fill it in; the decisions that need no database are made here.
 
-use super::cancel::{cancelled_on_insert, dead, CancelRequest, Origin};
+use super::cancel::{cancelled_on_insert, dead, CancelAt, CancelRequest};
 use crate::database::DbError;
 use crate::models::{BookingEvent, CancellationEvent, Event, Reason, Rejection};
 use crate::pipeline::{Outcome, Work};
@@ -73,10 +73,10 @@ impl<'a> Plan<'a> {
     }
 
     /// Records the outcome of a cancellation, by where it came from.
-    pub fn set(&mut self, origin: Origin, outcome: Outcome) {
-        match origin {
-            Origin::Batch(i) => self.outcomes[i] = Some(outcome),
-            Origin::Released(j) => self.released_outcomes[j] = Some(outcome),
+    pub fn set(&mut self, at: CancelAt, outcome: Outcome) {
+        match at {
+            CancelAt::Batch(i) => self.outcomes[i] = Some(outcome),
+            CancelAt::Released(j) => self.released_outcomes[j] = Some(outcome),
         }
     }
 
@@ -134,12 +134,12 @@ impl<'a> Plan<'a> {
         let parked = released.iter().enumerate().map(|(j, p)| CancelRequest {
             booking_ref: &p.booking_ref,
             user_ref: &p.user_ref,
-            origin: Origin::Released(j),
+            at: CancelAt::Released(j),
         });
         let own = self.cancellations.iter().map(|&(i, c)| CancelRequest {
             booking_ref: &c.booking_id,
             user_ref: &c.user_id,
-            origin: Origin::Batch(i),
+            at: CancelAt::Batch(i),
         });
         parked.chain(own).collect()
     }
@@ -339,10 +339,7 @@ mod tests {
         let (works, dead_letters) = batch("booking b1 alice r1\ncancel b1 alice");
         let plan = Plan::new(&works, &dead_letters);
         let requests = plan.cancel_requests(&[]);
-        assert_eq!(
-            requests.iter().map(|r| r.origin).collect::<Vec<_>>(),
-            [Origin::Batch(1)]
-        );
+        assert_eq!(requests.iter().map(|r| r.at).collect::<Vec<_>>(), [CancelAt::Batch(1)]);
         assert_eq!(plan.user_refs(), ["alice"]);
         assert_eq!(plan.room_refs(), ["r1"]);
     }
