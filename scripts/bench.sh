@@ -11,10 +11,12 @@
 # Usage:
 #   scripts/bench.sh [--events N] [--json FILE]        throughput (default 200000 bookings)
 #   scripts/bench.sh --events N --only-batched         just the worker's figures (for tuning)
-#   scripts/bench.sh --steady RATE SECONDS [--json F]  steady rate, latency percentiles
+#   scripts/bench.sh --steady RATE SECONDS [--json F]  idle CPU and RSS, then a steady rate:
+#                                                      end-to-end latency percentiles
 #
 # Environment: BENCH_BASELINE_MAX (cap on the events the batching-off run
-# processes before its rate is taken; default all), BENCH_COMPRESSION (the
+# processes before its rate is taken; default all), BENCH_IDLE_SECS (how long
+# --steady measures the idle worker; default 60), BENCH_COMPRESSION (the
 # producer's compression of the pre-loaded records: lz4 by default, none, gzip
 # or zstd), plus the worker's own
 # variables. Services are started as for scripts/test.sh unless KAFKA_BROKERS /
@@ -40,7 +42,7 @@ while [[ $# -gt 0 ]]; do
         --steady) MODE=steady; STEADY_RATE="$2"; STEADY_SECONDS="$3"; shift 3 ;;
         --json) JSON_OUT="$2"; shift 2 ;;
         --only-batched) ONLY_BATCHED=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) help_from_header "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
@@ -82,27 +84,45 @@ CANCELS_TOPIC="bench-cancellations-$RUN_ID"
 LEDGER="$SESSION_DIR/ledger.json"
 METRICS_PORT="$(free_port "${KAFKA_PORT:-}" "${KAFKA_CONTROLLER_PORT:-}" "$DB_PORT")"
 
-# Runs the worker on database $1 with group $2 and extra env $3..., until
-# every one of $TOTAL records has reached an end (or $LIMIT of them), then
-# prints one JSON object of figures.
-measure_worker() {
-    local db="$1" group="$2" limit="$3"
-    shift 3
+# Starts the worker in the background on database $1 with group $2 and extra env $3...
+start_worker() {
+    local db="$1" group="$2"
+    shift 2
     # The worker logs as configured (one line per record at the default level) into a file, as
     # journald or a container runtime would take it.
     env "$@" DB_NAME="$db" KAFKA_GROUP_ID="$group" KAFKA_BOOKING_TOPIC="$BOOKINGS_TOPIC" \
         KAFKA_CANCELLATION_TOPIC="$CANCELS_TOPIC" METRICS_ADDR="127.0.0.1:$METRICS_PORT" \
         ./target/release/booking-worker run >"$SESSION_DIR/worker-$group.log" 2>&1 &
     WORKER_PID=$!
-    python3 "$SCRIPT_DIR/bench_measure.py" --pid "$WORKER_PID" --metrics "127.0.0.1:$METRICS_PORT" --until "$limit"
+}
+
+# Stops the worker that start_worker started with group $1.
+stop_worker() {
     kill -TERM "$WORKER_PID"
-    wait "$WORKER_PID" || warn "worker exited with $? (log: $SESSION_DIR/worker-$group.log)"
+    wait "$WORKER_PID" || warn "worker exited with $? (log: $SESSION_DIR/worker-$1.log)"
     WORKER_PID=""
+}
+
+# Runs the worker on database $1 with group $2 and extra env $4..., until $3 records have reached
+# an end, then prints one JSON object of figures.
+measure_worker() {
+    local db="$1" group="$2" limit="$3"
+    shift 3
+    start_worker "$db" "$group" "$@"
+    python3 "$SCRIPT_DIR/bench_measure.py" --pid "$WORKER_PID" --metrics "127.0.0.1:$METRICS_PORT" --until "$limit"
+    stop_worker "$group"
 }
 
 if [[ "$MODE" == steady ]]; then
     count=$((STEADY_RATE * STEADY_SECONDS))
+    idle_secs="${BENCH_IDLE_SECS:-60}"
     fresh_db bench_steady
+    group="steady-$RUN_ID"
+    # The worker starts first: its idle figures are taken once the group has assigned it the
+    # partitions, and every record is produced after that, so end-to-end latency is the steady one.
+    log "idle: the worker with no traffic for $idle_secs s once ready"
+    start_worker bench_steady "$group"
+    idle="$(python3 "$SCRIPT_DIR/bench_measure.py" --pid "$WORKER_PID" --metrics "127.0.0.1:$METRICS_PORT" --idle "$idle_secs")"
     log "steady rate: $STEADY_RATE events/s for $STEADY_SECONDS s ($count bookings' worth)"
     ./target/release/booking-loadgen --count "$count" --rate "$STEADY_RATE" --cancel-ratio 0.2 --early-cancel-ratio 0 \
         --unauthorized-ratio 0 --duplicate-ratio 0 --bad-ratio 0 --baggage-ratio 0.5 --id-prefix "$RUN_ID" \
@@ -114,9 +134,10 @@ while True:
     try:
         print(json.load(open(sys.argv[1]))["records"]); break
     except Exception: time.sleep(0.2)' "$LEDGER")"
-    steady="$(measure_worker bench_steady "steady-$RUN_ID" "$total")"
+    steady="$(python3 "$SCRIPT_DIR/bench_measure.py" --pid "$WORKER_PID" --metrics "127.0.0.1:$METRICS_PORT" --until "$total")"
+    stop_worker "$group"
     wait "$loadgen" || die "the load generator failed: $(tail -n 3 "$SESSION_DIR/loadgen.log")"
-    python3 "$SCRIPT_DIR/bench_measure.py" --report-steady "$steady" --rate "$STEADY_RATE" --json "$JSON_OUT"
+    python3 "$SCRIPT_DIR/bench_measure.py" --report-steady "$idle" "$steady" --rate "$STEADY_RATE" --json "$JSON_OUT"
     exit 0
 fi
 

@@ -68,6 +68,37 @@ def proc_figures(pid):
     return peak_kib / 1024, cpu
 
 
+def rss_now_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 1024
+
+
+def idle(pid, addr, seconds):
+    """Waits until the worker is ready (its group has assigned it the partitions), then measures
+    its CPU and resident memory over `seconds` with no traffic."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://{addr}/readyz", timeout=5).status == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: the worker at {addr} was not ready within 120 s")
+        time.sleep(0.2)
+    time.sleep(2)
+    print(f"[bench] ready; measuring {seconds} s idle", file=sys.stderr)
+    _, cpu_before = proc_figures(pid)
+    time.sleep(seconds)
+    _, cpu_after = proc_figures(pid)
+    return {
+        "idle_seconds": seconds,
+        "idle_cpu_percent": round((cpu_after - cpu_before) / seconds * 100, 2),
+        "idle_rss_mib": round(rss_now_mib(pid), 1),
+    }
+
+
 def watch(pid, addr, until):
     started = time.monotonic()
     first = None
@@ -186,12 +217,15 @@ def report(batched, single, ceiling, copy, json_out):
     write(json_out, table)
 
 
-def report_steady(steady, rate, json_out):
+def report_steady(idle_figures, steady, rate, json_out):
     steady["target_rate"] = rate
+    steady.update(idle_figures)
     print()
-    print(f"steady {rate} events/s: {steady['records']:,} records, p50 {fmt(steady['p50_ms'])} ms, "
-          f"p99 {fmt(steady['p99_ms'])} ms (consume to durable), p50 {fmt(steady['e2e_p50_ms'])} ms, "
-          f"p99 {fmt(steady['e2e_p99_ms'])} ms (produced to durable), peak RSS {steady['peak_rss_mib']} MiB, "
+    print(f"idle {steady['idle_seconds']} s after the assignment: CPU {fmt(steady['idle_cpu_percent'], 2)}% of a core, "
+          f"RSS {steady['idle_rss_mib']} MiB")
+    print(f"steady {rate} events/s: {steady['records']:,} records, end to end (produced to durable) "
+          f"p50 {fmt(steady['e2e_p50_ms'])} ms, p99 {fmt(steady['e2e_p99_ms'])} ms; consume to durable "
+          f"p50 {fmt(steady['p50_ms'])} ms, p99 {fmt(steady['p99_ms'])} ms; peak RSS {steady['peak_rss_mib']} MiB, "
           f"CPU {steady['cpu_seconds']} s")
     write(json_out, {"steady": steady})
 
@@ -213,11 +247,14 @@ def main():
     p.add_argument("--report", nargs=4)
     p.add_argument("--copy-csv")
     p.add_argument("--ids")
-    p.add_argument("--report-steady")
+    p.add_argument("--report-steady", nargs=2, metavar=("IDLE", "STEADY"))
+    p.add_argument("--idle", type=int, metavar="SECONDS")
     p.add_argument("--rate", type=int)
     p.add_argument("--json")
     a = p.parse_args()
-    if a.pid:
+    if a.pid and a.idle is not None:
+        print(json.dumps(idle(a.pid, a.metrics, a.idle)))
+    elif a.pid:
         print(json.dumps(watch(a.pid, a.metrics, a.until)))
     elif a.ceiling_sql:
         print(ceiling_sql(a.ceiling_sql, a.batch))
@@ -226,7 +263,7 @@ def main():
     elif a.report:
         report(*(json.loads(x) for x in a.report), a.json)
     elif a.report_steady:
-        report_steady(json.loads(a.report_steady), a.rate, a.json)
+        report_steady(*(json.loads(x) for x in a.report_steady), a.rate, a.json)
     else:
         p.error("nothing to do")
 
