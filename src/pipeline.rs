@@ -5,7 +5,6 @@
 use crate::logger::EventScope;
 use crate::models::{Event, Rejection};
 use crate::offsets::TopicPartition;
-use crate::repository::Source;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Instant;
 
@@ -27,18 +26,6 @@ impl RecordMeta {
     /// The bytes this record holds in memory, as [`ByteBudget`] counts them.
     pub fn bytes(&self) -> usize {
         self.payload.len() + self.key.as_ref().map_or(0, Vec::len) + self.baggage.as_ref().map_or(0, String::len)
-    }
-
-    /// The record as the dead letters and the parking store it.
-    pub fn source(&self) -> Source<'_> {
-        Source {
-            topic: &self.tp.topic,
-            partition: self.tp.partition,
-            offset: self.offset,
-            key: self.key.as_deref(),
-            payload: &self.payload,
-            baggage: self.baggage.as_deref(),
-        }
     }
 }
 

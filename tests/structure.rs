@@ -1,5 +1,6 @@
-//! The shape of `src/`, checked without services: its modules form layers with no import cycle,
-//! every file opens with a `//!` line saying what it is for, and every function fits on a screen.
+//! The shape of `src/`, checked without services: its modules form layers (each uses only those
+//! that `src/lib.rs` declares above it, so there is no import cycle), every file opens with a
+//! `//!` line saying what it is for, and every function fits on a screen.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -133,6 +134,34 @@ fn the_modules_of_src_have_no_import_cycle() {
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle: {}", cycle.join(" -> "));
     }
+}
+
+/// The modules in the order `src/lib.rs` declares them.
+fn declared_order() -> Vec<String> {
+    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
+    lib.lines()
+        .filter_map(|l| l.strip_prefix("pub mod ")?.strip_suffix(';').map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn each_module_uses_only_those_declared_above_it_in_lib_rs() {
+    let graph = module_graph();
+    let order = declared_order();
+    assert_eq!(
+        order.iter().cloned().collect::<BTreeSet<_>>(),
+        graph.keys().cloned().collect::<BTreeSet<_>>(),
+        "src/lib.rs declares every module"
+    );
+    let mut upward = Vec::new();
+    for (at, module) in order.iter().enumerate() {
+        for used in &graph[module] {
+            if !order[..at].contains(used) {
+                upward.push(format!("{module} uses {used}, declared below it"));
+            }
+        }
+    }
+    assert!(upward.is_empty(), "the layers of src/lib.rs:\n{}", upward.join("\n"));
 }
 
 #[test]

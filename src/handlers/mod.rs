@@ -11,7 +11,7 @@ mod plan;
 
 use crate::database::{DbError, ErrorClass};
 use crate::models::{Event, Reason};
-use crate::pipeline::{Outcome, Work};
+use crate::pipeline::{Outcome, RecordMeta, Work};
 use crate::repository::{self, DeadLetter, NewBooking, ParkedCancellation, Parking, Source};
 use cancel::{decide_cancel, BookingsByReference, CancelAt, CancelRequest, ACCEPTED};
 use plan::{distinct, LogPosition, Plan};
@@ -160,7 +160,7 @@ fn already_dead_lettered(
     if rules.replaying_dead_letters {
         return Ok(HashSet::new());
     }
-    let sources: Vec<Source<'_>> = batch.iter().map(|w| w.meta().source()).collect();
+    let sources: Vec<Source<'_>> = batch.iter().map(|w| source_of(w.meta())).collect();
     repository::dead_lettered(conn, &sources)
 }
 
@@ -198,6 +198,18 @@ fn apply_in_transaction<'a>(
     let parkings = cancel(tx, &mut plan, batch, &requests, &released, &written_cancelled)?;
     park(tx, &mut plan, parkings)?;
     finish(tx, plan, batch, released, more_parked)
+}
+
+/// A consumed record as the dead letters and the parking store it.
+fn source_of(meta: &RecordMeta) -> Source<'_> {
+    Source {
+        topic: &meta.tp.topic,
+        partition: meta.tp.partition,
+        offset: meta.offset,
+        key: meta.key.as_deref(),
+        payload: &meta.payload,
+        baggage: meta.baggage.as_deref(),
+    }
 }
 
 /// The booking ids the batch touches, each once, for their advisory locks.
@@ -293,7 +305,7 @@ fn cancel<'r>(
 /// A cancellation to park, from the record it came in.
 fn parking<'r>(request: &CancelRequest<'r>, batch: &'r [Work], released: &'r [ParkedCancellation]) -> Parking<'r> {
     let (source, parked_at) = match request.at {
-        CancelAt::Batch(i) => (batch[i].meta().source(), None),
+        CancelAt::Batch(i) => (source_of(batch[i].meta()), None),
         // Parked again: it keeps the time it was first parked, so it still expires.
         CancelAt::Released(j) => (released[j].source(), Some(released[j].parked_at)),
     };
@@ -342,7 +354,7 @@ fn finish(
         let of_batch = batch
             .iter()
             .zip(&outcomes)
-            .map(|(w, o)| (w.meta().source(), w.event().map(Event::booking_id), o));
+            .map(|(w, o)| (source_of(w.meta()), w.event().map(Event::booking_id), o));
         let of_released = released
             .iter()
             .map(|(p, o)| (p.source(), Some(p.booking_ref.as_str()), o));
