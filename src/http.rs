@@ -21,32 +21,58 @@ pub fn serve(
     health: Arc<Health>,
     readiness: Readiness,
     shutdown: Shutdown,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<Endpoint> {
     let listener = TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
     log::info!(addr = addr.to_string(); "metrics and health endpoint listening");
-    std::thread::Builder::new().name("http".into()).spawn(move || {
-        while !shutdown.is_triggered() {
-            match listener.accept() {
-                Ok((stream, _)) => {
+    // A blocking accept costs nothing while nobody asks; `Endpoint::stop` wakes it.
+    let handle = std::thread::Builder::new().name("http".into()).spawn(move || {
+        for stream in listener.incoming() {
+            if shutdown.is_triggered() {
+                break;
+            }
+            match stream {
+                Ok(stream) => {
                     if let Err(e) = answer(stream, &metrics, &health, &readiness) {
                         log::debug!(error = e.to_string(); "http client went away");
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    shutdown.sleep(ACCEPT_POLL);
-                }
                 Err(e) => {
                     log::warn!(error = e.to_string(); "http endpoint error");
-                    shutdown.sleep(ACCEPT_POLL);
+                    shutdown.sleep(ERROR_PAUSE);
                 }
             }
         }
-    })
+    })?;
+    Ok(Endpoint { bound, handle })
 }
 
-/// How often the idle endpoint looks for a connection (and for shutdown).
-const ACCEPT_POLL: Duration = Duration::from_millis(100);
+/// The running `http` thread.
+pub struct Endpoint {
+    bound: SocketAddr,
+    handle: JoinHandle<()>,
+}
+
+impl Endpoint {
+    /// Stops the thread once shutdown has been triggered: a connection of its own wakes the
+    /// accept, which then sees the shutdown.
+    pub fn stop(self) -> std::thread::Result<()> {
+        let mut wake = self.bound;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        if let Err(e) = TcpStream::connect_timeout(&wake, CLIENT_TIMEOUT) {
+            log::warn!(error = e.to_string(); "could not wake the http thread");
+        }
+        self.handle.join()
+    }
+}
+
+/// How long the endpoint waits after a failed accept (out of file descriptors, say).
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// How long a client may take to send its request or read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -171,7 +197,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let handle = serve(addr, metrics, Arc::clone(&health), readiness, shutdown.clone()).unwrap();
+        let endpoint = serve(addr, metrics, Arc::clone(&health), readiness, shutdown.clone()).unwrap();
         let a = addr.to_string();
         let t = Duration::from_secs(5);
         assert_eq!(get_status(&a, "/healthz", t).unwrap(), 200);
@@ -188,7 +214,7 @@ mod tests {
         drop(guard);
         assert_eq!(get_status(&a, "/healthz", t).unwrap(), 503);
         shutdown.trigger();
-        handle.join().unwrap();
+        endpoint.stop().unwrap();
     }
 
     fn readiness_body(addr: &str) -> String {

@@ -33,8 +33,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long a poll blocks before loops look at their stop flags again.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a poll blocks before loops look at their stop flags again: it bounds how long a
+/// revocation or a shutdown waits for a partition thread, and each idle thread wakes this often.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Which contract each subscribed topic carries: the table of topics.
 #[derive(Debug, Clone)]

@@ -84,8 +84,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         Err(e) => Err(e),
     };
     shutdown.trigger();
-    if let Some(handle) = endpoint {
-        join_named(handle);
+    if let Some(endpoint) = endpoint {
+        if endpoint.stop().is_err() {
+            log::error!(thread = "http"; "thread panicked");
+        }
     }
     if result.is_ok() {
         log::info!("booking-worker stopped cleanly");
@@ -99,7 +101,7 @@ fn serve_endpoint(
     pool: &Pool,
     shared: &Shared,
     shutdown: &Shutdown,
-) -> Result<Option<JoinHandle<()>>, RunError> {
+) -> Result<Option<http::Endpoint>, RunError> {
     let Some(addr) = config.metrics_addr else {
         return Ok(None);
     };
