@@ -4,8 +4,9 @@
 #   (a) the same worker with batching off (one event per transaction, the Go
 #       worker's pattern), and
 #   (b) the ceiling: the same rows written straight into PostgreSQL, one
-#       multi-row statement per batch.
-# All three run on the same machine and the same data, in one run. It prints a
+#       multi-row statement per batch, and
+#   (c) the bulk-load limit: the same rows with one COPY in one transaction.
+# All four run on the same machine and the same data, in one run. It prints a
 # table and writes it as JSON.
 #
 # Usage:

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Serves the endpoint on `addr` from a thread named `http` until shutdown.
 pub fn serve(
@@ -23,9 +23,9 @@ pub fn serve(
     shutdown: Shutdown,
 ) -> std::io::Result<Endpoint> {
     let listener = TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
+    let waker = listener.try_clone()?;
     log::info!(addr = addr.to_string(); "metrics and health endpoint listening");
-    // A blocking accept costs nothing while nobody asks; `Endpoint::stop` wakes it.
+    // A blocking accept costs nothing while nobody asks; `Endpoint::stop` ends it.
     let handle = std::thread::Builder::new().name("http".into()).spawn(move || {
         for stream in listener.incoming() {
             if shutdown.is_triggered() {
@@ -44,28 +44,26 @@ pub fn serve(
             }
         }
     })?;
-    Ok(Endpoint { bound, handle })
+    Ok(Endpoint { waker, handle })
 }
 
 /// The running `http` thread.
 pub struct Endpoint {
-    bound: SocketAddr,
+    /// The listening socket, shared with the thread: shutting it down ends a blocked accept.
+    waker: TcpListener,
     handle: JoinHandle<()>,
 }
 
 impl Endpoint {
-    /// Stops the thread once shutdown has been triggered: a connection of its own wakes the
-    /// accept, which then sees the shutdown.
+    /// Stops the thread once shutdown has been triggered: shutting the listening socket down
+    /// makes the blocked accept return, and the thread then sees the shutdown. No connection is
+    /// needed, so no firewall rule or address can keep it blocked.
     pub fn stop(self) -> std::thread::Result<()> {
-        let mut wake = self.bound;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        if let Err(e) = TcpStream::connect_timeout(&wake, CLIENT_TIMEOUT) {
-            log::warn!(error = e.to_string(); "could not wake the http thread");
+        // SAFETY: `shutdown` on a socket this value owns (a duplicate of the thread's listener,
+        // open until this value drops) only changes the socket's state.
+        let rc = unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&self.waker), libc::SHUT_RD) };
+        if rc != 0 {
+            log::warn!(error = std::io::Error::last_os_error().to_string(); "could not stop the http thread");
         }
         self.handle.join()
     }
@@ -74,7 +72,7 @@ impl Endpoint {
 /// How long the endpoint waits after a failed accept (out of file descriptors, say).
 const ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// How long a client may take to send its request or read the answer.
+/// How long a client may take to send its whole request, and to read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The largest request head read.
@@ -82,12 +80,17 @@ const MAX_REQUEST: usize = 8 * 1024;
 
 /// Reads one request and answers it; the connection is closed after the answer.
 fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Health, readiness: &Readiness) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    // One deadline for the whole request: a client that trickles bytes does not hold the thread.
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut buf)?;
         if n == 0 || head.len() > MAX_REQUEST {
             break;

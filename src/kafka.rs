@@ -164,7 +164,7 @@ pub struct WorkerContext {
     topics: TopicTable,
     start_from: StartFrom,
     state: Mutex<State>,
-    links: ConsumerWiring,
+    wiring: ConsumerWiring,
 }
 
 /// What the consumer shares with the rest of the worker.
@@ -202,7 +202,7 @@ impl WorkerContext {
                 log::error!(topic = elem.topic(); "assigned a topic that is not in the table of topics");
                 continue;
             };
-            self.links.tracker.assign(&tp);
+            self.wiring.tracker.assign(&tp);
             let Some(queue) = consumer.split_partition_queue(elem.topic(), elem.partition()) else {
                 log::error!(topic = elem.topic(), partition = elem.partition();
                     "could not split the partition queue; its records arrive on the main queue");
@@ -215,7 +215,7 @@ impl WorkerContext {
                 kind,
                 dispatcher: dispatcher.clone(),
                 stop: Arc::clone(&stop),
-                max_payload_bytes: self.links.max_payload_bytes,
+                max_payload_bytes: self.wiring.max_payload_bytes,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("consume-{}-{}", tp.topic, tp.partition))
@@ -235,8 +235,8 @@ impl WorkerContext {
 
     fn note_assignment(&self, partitions: &HashMap<TopicPartition, PartitionThread>) {
         let topics: BTreeSet<String> = partitions.keys().map(|tp| tp.topic.to_string()).collect();
-        self.links.metrics.set_assigned(partitions.len());
-        self.links.assignment.set(Some(topics));
+        self.wiring.metrics.set_assigned(partitions.len());
+        self.wiring.assignment.set(Some(topics));
     }
 
     /// Stops the threads of the given partitions, waits for their in-flight records, and commits
@@ -252,21 +252,21 @@ impl WorkerContext {
             let threads = tps.iter().filter_map(|tp| state.partitions.remove(tp)).collect();
             if state.partitions.is_empty() {
                 // Everything went back to the group: a new assignment follows.
-                self.links.metrics.set_assigned(0);
-                self.links.assignment.set(None);
+                self.wiring.metrics.set_assigned(0);
+                self.wiring.assignment.set(None);
             } else {
                 self.note_assignment(&state.partitions);
             }
             threads
         };
         stop_threads(threads);
-        let left = self.links.tracker.wait_drained(&tps, self.links.drain_timeout);
+        let left = self.wiring.tracker.wait_drained(&tps, self.wiring.drain_timeout);
         if left > 0 {
             log::warn!(in_flight = left; "revoking with records still in flight; they will be consumed again");
         }
-        let offsets = self.links.tracker.committable(&tps);
+        let offsets = self.wiring.tracker.committable(&tps);
         for tp in &tps {
-            self.links.tracker.revoke(tp);
+            self.wiring.tracker.revoke(tp);
         }
         if consumer.assignment_lost() {
             log::warn!(partitions = tps.len(); "assignment lost; not committing");
@@ -274,7 +274,7 @@ impl WorkerContext {
             commit(consumer, &offsets);
         }
         for tp in &tps {
-            self.links.metrics.forget_partition(&tp.topic, tp.partition);
+            self.wiring.metrics.forget_partition(&tp.topic, tp.partition);
             log::info!(topic = tp.topic.as_ref(), partition = tp.partition; "partition revoked");
         }
     }
@@ -333,7 +333,7 @@ impl ClientContext for WorkerContext {
                 .and_then(|t| t.partitions.get(&tp.partition))
                 .map(|p| p.consumer_lag_stored);
             if let Some(lag) = lag.filter(|l| *l >= 0) {
-                self.links.metrics.set_lag(&tp.topic, tp.partition, lag);
+                self.wiring.metrics.set_lag(&tp.topic, tp.partition, lag);
             }
         }
     }
@@ -492,7 +492,7 @@ pub struct Worker {
 impl Worker {
     /// Creates the consumer and subscribes to the configured topics, once every one of them has
     /// partitions with leaders (so the first assignment covers them all).
-    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, links: ConsumerWiring) -> Result<Worker, StartError> {
+    pub fn start(config: &KafkaConfig, dispatcher: Dispatcher, wiring: ConsumerWiring) -> Result<Worker, StartError> {
         let topics = TopicTable::from_config(config);
         let context = WorkerContext {
             consumer: OnceLock::new(),
@@ -502,7 +502,7 @@ impl Worker {
                 dispatcher: Some(dispatcher),
                 partitions: HashMap::new(),
             }),
-            links,
+            wiring,
         };
         let consumer: BaseConsumer<WorkerContext> = consumer_config(config).create_with_context(context)?;
         let consumer = Arc::new(consumer);
@@ -522,19 +522,19 @@ impl Worker {
     /// Polls the main queue until shutdown, storing durable offsets as they advance. On return the
     /// partition threads are stopped and this worker's channel senders are dropped.
     pub fn poll_until(self, shutdown: &Shutdown) -> Arc<BaseConsumer<WorkerContext>> {
-        let links = &self.context().links;
-        let _alive = links.health.register("consumer-poll");
+        let wiring = &self.context().wiring;
+        let _alive = wiring.health.register("consumer-poll");
         while !shutdown.is_triggered() {
             fail::fail_point!("consumer-poll");
-            links.health.beat();
+            wiring.health.beat();
             let (depth, bytes) = self
                 .context()
                 .lock()
                 .dispatcher
                 .as_ref()
                 .map_or((0, 0), |d| (d.queued(), d.in_flight_bytes()));
-            links.metrics.set_channel_depth(depth);
-            links.metrics.set_in_flight_bytes(bytes);
+            wiring.metrics.set_channel_depth(depth);
+            wiring.metrics.set_in_flight_bytes(bytes);
             match self.consumer.poll(POLL_INTERVAL) {
                 None => {}
                 Some(Ok(message)) => self.stray_message(&message, shutdown),
@@ -561,12 +561,12 @@ impl Worker {
         let Some(dispatcher) = self.context().lock().dispatcher.clone() else {
             return;
         };
-        let work = to_work(message, kind, &tp, self.context().links.max_payload_bytes);
+        let work = to_work(message, kind, &tp, self.context().wiring.max_payload_bytes);
         dispatcher.dispatch(work, &|| shutdown.is_triggered());
     }
 
     fn store_progress(&self) {
-        store(&self.consumer, &self.context().links.tracker.take_to_store());
+        store(&self.consumer, &self.context().wiring.tracker.take_to_store());
     }
 }
 
@@ -665,7 +665,7 @@ fn store(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i64
 
 /// After the writers have drained: commit every durable watermark synchronously.
 pub fn commit_final(consumer: &BaseConsumer<WorkerContext>) {
-    let tracker = &consumer.context().links.tracker;
+    let tracker = &consumer.context().wiring.tracker;
     tracker.take_to_store();
     let assignment: Vec<TopicPartition> = match consumer.assignment() {
         Ok(tpl) => tpl

@@ -103,6 +103,13 @@ fn parse_command_line() -> Result<Cli, ConfigError> {
     parsed.map_err(|e| ConfigError::from_clap(&e).unwrap_or_else(|| e.exit()))
 }
 
+/// Whether the command line asks for `dead-letters list`, whose stdout carries data: its log
+/// lines go to stderr, also when the command line cannot be parsed.
+fn lists_data() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2).any(|w| w[0] == "dead-letters" && w[1] == "list")
+}
+
 /// Makes a panic in any thread end the process at once with [`EXIT_PANIC`], after one JSON line
 /// naming the thread. A worker with a dead thread would look alive while a partition or a writer
 /// stood still; a restart by systemd or Docker resumes from the committed offsets, and replay is
@@ -149,7 +156,7 @@ fn main() -> ExitCode {
     let cli = match parse_command_line() {
         Ok(cli) => cli,
         Err(e) => {
-            logger::init("info", false);
+            logger::init("info", lists_data());
             log::error!(variable = e.variable.as_str(); "invalid configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }

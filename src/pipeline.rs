@@ -23,7 +23,7 @@ pub struct RecordMeta {
 }
 
 impl RecordMeta {
-    /// The bytes this record holds in memory, as [`ByteBudget`] counts them.
+    /// The bytes this record holds in memory, as [`crate::budget::ByteBudget`] counts them.
     pub fn bytes(&self) -> usize {
         self.payload.len() + self.key.as_ref().map_or(0, Vec::len) + self.baggage.as_ref().map_or(0, String::len)
     }

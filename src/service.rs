@@ -76,10 +76,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     };
     let endpoint = serve_endpoint(&config, &pool, &shared, &shutdown)?;
     let result = match wait_and_migrate(&pool, &shutdown, &config) {
-        Ok(true) => run_pipeline(&config, pool, shared, &shutdown),
+        Ok(true) => run_pipeline(&config, pool, shared, &shutdown).map(|()| true),
         Ok(false) => {
             log::info!("shutdown before the database was reachable");
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(e),
     };
@@ -89,10 +89,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             log::error!(thread = "http"; "thread panicked");
         }
     }
-    if result.is_ok() {
+    if let Ok(true) = result {
         log::info!("booking-worker stopped cleanly");
     }
-    result
+    result.map(drop)
 }
 
 /// Starts the `http` thread when `METRICS_ADDR` is not off.
@@ -119,7 +119,7 @@ fn serve_endpoint(
 }
 
 /// `/readyz`'s question to the database: a connection from the pool answers a trivial query.
-pub fn database_probe(pool: Pool) -> DatabaseProbe {
+fn database_probe(pool: Pool) -> DatabaseProbe {
     Box::new(move || {
         pool.get_timeout(Duration::from_secs(2))
             .and_then(|mut c| repository::ping(c.client()))

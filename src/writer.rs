@@ -94,7 +94,7 @@ pub struct WriterPool {
 
 impl WriterPool {
     /// Starts `config.writers` threads named `writer-N`.
-    pub fn start(config: &PipelineConfig, links: WriterWiring) -> std::io::Result<(Dispatcher, WriterPool)> {
+    pub fn start(config: &PipelineConfig, wiring: WriterWiring) -> std::io::Result<(Dispatcher, WriterPool)> {
         let mut senders = Vec::with_capacity(config.writers);
         let mut handles = Vec::with_capacity(config.writers);
         for n in 1..=config.writers {
@@ -104,14 +104,14 @@ impl WriterPool {
             let writer = Writer {
                 number: n,
                 rx,
-                pool: links.pool.clone(),
-                tracker: Arc::clone(&links.tracker),
-                metrics: Arc::clone(&links.metrics),
-                halt: Arc::clone(&links.halt),
-                shutdown: links.shutdown.clone(),
-                budget: Arc::clone(&links.budget),
+                pool: wiring.pool.clone(),
+                tracker: Arc::clone(&wiring.tracker),
+                metrics: Arc::clone(&wiring.metrics),
+                halt: Arc::clone(&wiring.halt),
+                shutdown: wiring.shutdown.clone(),
+                budget: Arc::clone(&wiring.budget),
                 adopt_legacy_rows: config.adopt_legacy_rows,
-                _alive: links.health.register(&name),
+                _alive: wiring.health.register(&name),
                 batch_size: config.batch_size,
                 linger: config.batch_linger,
                 max_backoff: config.retry_max_backoff,
@@ -122,8 +122,8 @@ impl WriterPool {
                     .spawn(move || writer.run())?,
             );
         }
-        let tracker = links.tracker;
-        let budget = links.budget;
+        let tracker = wiring.tracker;
+        let budget = wiring.budget;
         Ok((
             Dispatcher {
                 senders,

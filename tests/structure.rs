@@ -199,11 +199,18 @@ fn functions(text: &str) -> Vec<(String, usize)> {
     for (i, line) in lines.iter().enumerate() {
         let trimmed = line.trim_start();
         let indent = &line[..line.len() - trimmed.len()];
-        let declaration = trimmed
-            .trim_start_matches("pub ")
-            .trim_start_matches("pub(crate) ")
-            .trim_start_matches("const ")
-            .trim_start_matches("unsafe ");
+        // Past any visibility (`pub`, `pub(crate)`, `pub(super)`, `pub(in …)`) and qualifiers.
+        let mut declaration = trimmed;
+        if let Some(rest) = declaration.strip_prefix("pub") {
+            declaration = match rest.strip_prefix('(') {
+                Some(inner) => inner.split_once(')').map_or(rest, |(_, after)| after),
+                None => rest,
+            }
+            .trim_start();
+        }
+        for qualifier in ["const ", "unsafe ", "extern \"C\" "] {
+            declaration = declaration.trim_start_matches(qualifier);
+        }
         let Some(rest) = declaration.strip_prefix("fn ") else {
             continue;
         };
@@ -241,6 +248,8 @@ fn every_function_in_src_fits_on_a_screen() {
 
 #[test]
 fn the_function_lengths_are_measured() {
-    let text = "fn a() {\n    x();\n}\n\n    pub fn b(\n        y: u8,\n    ) {\n        if y {\n        }\n    }\n";
-    assert_eq!(functions(text), [("a".to_string(), 3), ("b".to_string(), 6)]);
+    let text = "fn a() {\n    x();\n}\n\n    pub fn b(\n        y: u8,\n    ) {\n        if y {\n        }\n    }\n\
+                pub(super) fn c() {\n}\npub(in crate::x) unsafe fn d() {\n}\n";
+    let names = |f: Vec<(String, usize)>| f.into_iter().map(|(n, l)| format!("{n}:{l}")).collect::<Vec<_>>();
+    assert_eq!(names(functions(text)), ["a:3", "b:6", "c:2", "d:2"]);
 }

@@ -218,8 +218,8 @@ fn booking_ids<'a>(batch: &'a [Work], release: &[&'a str]) -> Vec<&'a str> {
     distinct(events.chain(release.iter().copied()))
 }
 
-/// Takes the next page of parked cancellations of `releasing` out of the table, and looks up the
-/// users they name that the batch did not.
+/// Takes the next page of parked cancellations of `releasing` out of the table, looks up the users
+/// they name that the batch did not, and gives the plan a place for each one's outcome.
 fn take_released(
     tx: &mut Transaction<'_>,
     plan: &mut Plan<'_>,

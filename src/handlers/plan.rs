@@ -18,9 +18,9 @@ pub(super) struct Plan<'a> {
     pub outcomes: Vec<Option<Outcome>>,
     /// The outcome of each released parked cancellation, once decided.
     pub released_outcomes: Vec<Option<Outcome>>,
-    /// The booking events still to decide, with their index in the batch.
+    /// The batch's booking events to decide, with their index in the batch.
     pub bookings: Vec<(usize, &'a BookingEvent)>,
-    /// The cancellation events still to decide, with their index in the batch.
+    /// The batch's cancellation events to decide, with their index in the batch.
     pub cancellations: Vec<(usize, &'a CancellationEvent)>,
     /// Users and rooms by the reference the events use; a missing one does not exist.
     pub users: HashMap<String, i32>,
@@ -334,13 +334,72 @@ mod tests {
         );
     }
 
+    fn parked(booking_ref: &str, user_ref: &str) -> ParkedCancellation {
+        ParkedCancellation {
+            booking_ref: booking_ref.to_string(),
+            user_ref: user_ref.to_string(),
+            record: crate::repository::StoredRecord {
+                topic: "t".to_string(),
+                kafka_partition: 1,
+                kafka_offset: 0,
+                record_key: None,
+                payload: Vec::new(),
+                baggage: None,
+            },
+            parked_at: chrono::Utc::now(),
+        }
+    }
+
     #[test]
     fn released_cancellations_are_decided_before_the_batch_own() {
-        let (works, dead_letters) = batch("booking b1 alice r1\ncancel b1 alice");
+        let (works, dead_letters) = batch("booking b1 alice r1\ncancel b1 alice\ncancel b2 bob");
         let plan = Plan::new(&works, &dead_letters);
-        let requests = plan.cancel_requests(&[]);
-        assert_eq!(requests.iter().map(|r| r.at).collect::<Vec<_>>(), [CancelAt::Batch(1)]);
-        assert_eq!(plan.user_refs(), ["alice"]);
+        let released = [parked("b1", "alice"), parked("b7", "bob")];
+        let order: Vec<(CancelAt, &str)> = plan
+            .cancel_requests(&released)
+            .iter()
+            .map(|r| (r.at, r.booking_ref))
+            .collect();
+        let expect = [
+            (CancelAt::Released(0), "b1"),
+            (CancelAt::Released(1), "b7"),
+            (CancelAt::Batch(1), "b1"),
+            (CancelAt::Batch(2), "b2"),
+        ];
+        assert_eq!(order, expect);
+        assert_eq!(plan.user_refs(), ["alice", "bob"]);
         assert_eq!(plan.room_refs(), ["r1"]);
+    }
+
+    /// The new bookings written as Cancelled, given the batch and the users that exist.
+    fn born_cancelled(spec: &str, released: &[ParkedCancellation]) -> Vec<String> {
+        let (works, dead_letters) = batch(spec);
+        let mut plan = Plan::new(&works, &dead_letters);
+        plan.users = [("alice".to_string(), 1), ("bob".to_string(), 2)].into();
+        plan.rooms = [("r1".to_string(), 1)].into();
+        plan.choose_new_bookings();
+        let requests = plan.cancel_requests(released);
+        let rows = plan.rows_to_insert(&requests);
+        rows.iter()
+            .filter(|nb| nb.cancelled)
+            .map(|nb| nb.external_id.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_booking_its_owner_cancels_in_the_same_transaction_is_written_as_cancelled() {
+        for (spec, released, expect) in [
+            ("booking b1 alice r1\ncancel b1 alice", vec![], vec!["b1"]),
+            ("booking b1 alice r1\ncancel b1 bob", vec![], vec![]),
+            ("booking b1 alice r1", vec![parked("b1", "alice")], vec!["b1"]),
+            ("booking b1 alice r1", vec![parked("b1", "bob")], vec![]),
+            (
+                "booking b1 alice r1\nbooking b2 bob r1\ncancel b2 bob",
+                vec![],
+                vec!["b2"],
+            ),
+        ] {
+            assert_eq!(born_cancelled(spec, &released), expect, "for the batch:\n{spec}");
+        }
     }
 }
