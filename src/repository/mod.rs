@@ -154,7 +154,29 @@ impl<'a> BookingColumns<'a> {
             cancelled: bookings.iter().map(|b| b.cancelled).collect(),
         }
     }
+
+    /// The columns as parameters $1 to $10, in the order of [`BOOKING_COLUMNS`].
+    fn params(&self) -> [Param<'_>; 10] {
+        [
+            (&self.users, Type::INT4_ARRAY),
+            (&self.rooms, Type::INT4_ARRAY),
+            (&self.guests, Type::INT4_ARRAY),
+            (&self.starts, Type::DATE_ARRAY),
+            (&self.start_instants, Type::TIMESTAMPTZ_ARRAY),
+            (&self.ends, Type::DATE_ARRAY),
+            (&self.end_instants, Type::TIMESTAMPTZ_ARRAY),
+            (&self.payments, Type::TEXT_ARRAY),
+            (&self.externals, Type::TEXT_ARRAY),
+            (&self.cancelled, Type::BOOL_ARRAY),
+        ]
+    }
 }
+
+/// [`BookingColumns::params`] as a table `t`: user, room, guests, start date and instant, end date
+/// and instant, payment id, external id, cancelled, and the 1-based row number `n`.
+const BOOKING_COLUMNS: &str = "unnest($1::integer[], $2::integer[], $3::integer[], $4::date[], $5::timestamptz[],
+                    $6::date[], $7::timestamptz[], $8::text[], $9::text[], $10::boolean[])
+             WITH ORDINALITY AS t(u, r, g, s, si, e, ei, p, x, c, n)";
 
 /// For each booking (by index), the ids of the rows the Go worker wrote that it matches, lowest
 /// first: no external id; the same user, room, guests and payment id; each date either as written
@@ -167,33 +189,21 @@ pub fn find_legacy_matches<C: GenericClient>(
     if bookings.is_empty() {
         return Ok(HashMap::new());
     }
-    let index: Vec<i32> = (0..bookings.len() as i32).collect();
     let c = BookingColumns::new(bookings);
     let rows = query(
         conn,
-        "SELECT t.i, array_agg(b.id ORDER BY b.id) AS ids
-           FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::integer[], $5::text[],
-                       $6::date[], $7::timestamptz[], $8::date[], $9::timestamptz[], $10::text[])
-                AS t(i, u, r, g, p, s, si, e, ei, x)
+        &format!(
+            "SELECT (t.n - 1)::integer AS i, array_agg(b.id ORDER BY b.id) AS ids
+           FROM {BOOKING_COLUMNS}
            JOIN bookings b
              ON b.external_id IS NULL AND b.room_id = t.r AND b.user_id = t.u
             AND b.number_of_guests = t.g AND b.payment_id = t.p
             AND (b.start_date = t.s OR b.start_date = t.si::date)
             AND (b.end_date = t.e OR b.end_date = t.ei::date)
           WHERE NOT EXISTS (SELECT 1 FROM bookings x WHERE x.external_id = t.x)
-          GROUP BY t.i",
-        &[
-            (&index, Type::INT4_ARRAY),
-            (&c.users, Type::INT4_ARRAY),
-            (&c.rooms, Type::INT4_ARRAY),
-            (&c.guests, Type::INT4_ARRAY),
-            (&c.payments, Type::TEXT_ARRAY),
-            (&c.starts, Type::DATE_ARRAY),
-            (&c.start_instants, Type::TIMESTAMPTZ_ARRAY),
-            (&c.ends, Type::DATE_ARRAY),
-            (&c.end_instants, Type::TIMESTAMPTZ_ARRAY),
-            (&c.externals, Type::TEXT_ARRAY),
-        ],
+          GROUP BY t.n"
+        ),
+        &c.params(),
     )?;
     rows.iter()
         .map(|r| Ok((get::<i32>(r, "i")? as usize, get(r, "ids")?)))
@@ -237,24 +247,16 @@ pub fn create_bookings<C: GenericClient>(
     let c = BookingColumns::new(bookings);
     let rows = query(
         conn,
-        "INSERT INTO bookings
+        &format!(
+            "INSERT INTO bookings
              (user_id, room_id, number_of_guests, start_date, end_date, payment_id, status,
               external_id, created_at, updated_at)
          SELECT u, r, g, s, e, p, CASE WHEN c THEN 'Cancelled' ELSE 'Accepted' END, x, now(), now()
-           FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::date[], $5::date[],
-                       $6::text[], $7::text[], $8::boolean[]) AS t(u, r, g, s, e, p, x, c)
+           FROM {BOOKING_COLUMNS}
          ON CONFLICT (external_id) DO NOTHING
-         RETURNING external_id::text AS external_id, id",
-        &[
-            (&c.users, Type::INT4_ARRAY),
-            (&c.rooms, Type::INT4_ARRAY),
-            (&c.guests, Type::INT4_ARRAY),
-            (&c.starts, Type::DATE_ARRAY),
-            (&c.ends, Type::DATE_ARRAY),
-            (&c.payments, Type::TEXT_ARRAY),
-            (&c.externals, Type::TEXT_ARRAY),
-            (&c.cancelled, Type::BOOL_ARRAY),
-        ],
+         RETURNING external_id::text AS external_id, id"
+        ),
+        &c.params(),
     )?;
     rows.iter()
         .map(|r| Ok((get(r, "external_id")?, get(r, "id")?)))
