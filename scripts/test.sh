@@ -41,8 +41,8 @@ export BOOKING_WORKER_REQUIRE_SERVICES=1
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 log "Kafka: $KAFKA_BROKERS; PostgreSQL: $DB_USER@$DB_HOST:$DB_PORT/$DB_NAME"
-# The fail points let tests make a thread panic on purpose; they do nothing unless FAILPOINTS
-# is set, which only those tests do.
+# The fail points let tests make a thread panic, or pause before subscribing, on purpose; they do
+# nothing unless FAILPOINTS is set, which only those tests do.
 log "cargo test --all-targets --locked --features failpoints $*"
 cd "$ROOT_DIR"
 set +e

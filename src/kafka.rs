@@ -509,6 +509,7 @@ impl Worker {
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         ensure_topics(&consumer, &topics.topics());
         wait_for_topics(&consumer, &topics.topics(), config.topic_wait)?;
+        fail::fail_point!("subscribe");
         consumer.subscribe(&topics.topics())?;
         log::info!(brokers = config.brokers.as_str(), group_id = config.group_id.as_str(),
             topics = topics.topics().join(","); "subscribed");
