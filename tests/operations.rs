@@ -8,6 +8,9 @@ use common::{
 };
 use std::process::{Command, Output};
 
+/// One sample of a Prometheus scrape: name, labels, value.
+type Sample = (String, std::collections::BTreeMap<String, String>, f64);
+
 fn worker_command(env: &[(String, String)], args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_booking-worker"))
         .args(args)
@@ -24,6 +27,103 @@ fn with(env: &[(String, String)], extra: &[(&str, &str)]) -> Vec<(String, String
     env
 }
 
+/// What one load-generator run published: its JSON summary and its ledger.
+struct Published {
+    summary: serde_json::Value,
+    ledger: serde_json::Value,
+}
+
+impl Published {
+    fn records(&self) -> u64 {
+        self.ledger["records"].as_u64().unwrap()
+    }
+
+    fn dead_letters(&self) -> u64 {
+        self.ledger["dead_letters"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum()
+    }
+}
+
+/// Runs the load generator for 400 bookings with every kind of trouble, into the setup's topics.
+fn publish_with_loadgen(s: &Setup) -> Published {
+    let ledger = std::env::temp_dir().join(format!("{}.json", unique("ledger")));
+    let out = Command::new(env!("CARGO_BIN_EXE_booking-loadgen"))
+        .args(["--count", "400", "--cancel-ratio", "0.3", "--unauthorized-ratio", "0.2"])
+        .args([
+            "--early-cancel-ratio",
+            "0.2",
+            "--duplicate-ratio",
+            "0.05",
+            "--bad-ratio",
+            "0.05",
+        ])
+        .args([
+            "--users",
+            "user_123,bob,carol",
+            "--rooms",
+            "room_ocean_001,room_garden_101",
+        ])
+        .args(["--seed", "42", "--id-prefix", &unique("m")])
+        .arg("--ledger")
+        .arg(&ledger)
+        .env("KAFKA_BROKERS", &s.services.brokers)
+        .env("KAFKA_BOOKING_TOPIC", &s.bookings)
+        .env("KAFKA_CANCELLATION_TOPIC", &s.cancels)
+        .output()
+        .expect("run booking-loadgen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let published = Published {
+        summary: serde_json::from_slice(&out.stdout).expect("a JSON summary"),
+        ledger: serde_json::from_slice(&std::fs::read(&ledger).unwrap()).unwrap(),
+    };
+    let _ = std::fs::remove_file(&ledger);
+    assert_eq!(published.summary["delivered"].as_u64(), Some(published.records()));
+    published
+}
+
+/// The counters of a scrape against what was published.
+fn assert_counters_match(m: &[Sample], s: &Setup, published: &Published) {
+    let bookings = published.ledger["bookings"].as_object().unwrap();
+    let booking_records = published.records() - published.summary["cancellations"].as_u64().unwrap();
+    assert_eq!(
+        metric_sum(m, "booking_worker_events_total", &[("topic", &s.bookings)]),
+        booking_records as f64
+    );
+    assert_eq!(
+        metric_sum(
+            m,
+            "booking_worker_events_total",
+            &[("topic", &s.bookings), ("outcome", "applied")]
+        ),
+        bookings.len() as f64,
+        "each distinct booking applied once"
+    );
+    for (reason, n) in published.ledger["dead_letters"].as_object().unwrap() {
+        assert_eq!(
+            metric_sum(m, "booking_worker_dead_letters_total", &[("reason", reason)]),
+            n.as_f64().unwrap(),
+            "dead letters of reason {reason}"
+        );
+    }
+    let committed = metric_sum(m, "booking_worker_db_transactions_total", &[("result", "committed")]);
+    assert!(committed >= 1.0);
+    assert_eq!(metric_sum(m, "booking_worker_batch_size_count", &[]), committed);
+    assert!(
+        metric_sum(
+            m,
+            "booking_worker_processing_seconds_count",
+            &[("event_type", "booking")]
+        ) > 0.0
+    );
+    assert!(metric_sum(m, "process_resident_memory_bytes", &[]) > 0.0);
+    assert!(m.iter().any(|(n, _, _)| n == "booking_worker_channel_depth"));
+    assert_eq!(metric_sum(m, "booking_worker_assigned_partitions", &[]), 8.0);
+}
+
 #[test]
 fn metrics_match_what_a_load_generator_run_produced() {
     let Some(s) = Setup::new("metrics") else { return };
@@ -37,47 +137,8 @@ fn metrics_match_what_a_load_generator_run_produced() {
     for room in ["room_ocean_001", "room_garden_101"] {
         s.db.room(room);
     }
-    let ledger = std::env::temp_dir().join(format!("{}.json", unique("ledger")));
-    let out = Command::new(env!("CARGO_BIN_EXE_booking-loadgen"))
-        .args([
-            "--count",
-            "400",
-            "--cancel-ratio",
-            "0.3",
-            "--unauthorized-ratio",
-            "0.2",
-            "--early-cancel-ratio",
-            "0.2",
-        ])
-        .args([
-            "--duplicate-ratio",
-            "0.05",
-            "--bad-ratio",
-            "0.05",
-            "--users",
-            "user_123,bob,carol",
-        ])
-        .args([
-            "--rooms",
-            "room_ocean_001,room_garden_101",
-            "--seed",
-            "42",
-            "--id-prefix",
-            &unique("m"),
-        ])
-        .arg("--ledger")
-        .arg(&ledger)
-        .env("KAFKA_BROKERS", &s.services.brokers)
-        .env("KAFKA_BOOKING_TOPIC", &s.bookings)
-        .env("KAFKA_CANCELLATION_TOPIC", &s.cancels)
-        .output()
-        .expect("run booking-loadgen");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
-    let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(&ledger).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&ledger);
-    let records = expected["records"].as_u64().unwrap();
-    assert_eq!(summary["delivered"].as_u64(), Some(records));
+    let published = publish_with_loadgen(&s);
+    let records = published.records();
 
     let worker = s.start_with(
         "metrics",
@@ -87,15 +148,9 @@ fn metrics_match_what_a_load_generator_run_produced() {
             ("STATS_LOG_INTERVAL_SECS", "1"),
         ],
     );
-    let bookings = expected["bookings"].as_object().unwrap();
-    let dead: u64 = expected["dead_letters"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .sum();
+    let bookings = published.ledger["bookings"].as_object().unwrap();
     wait_for("the ledger to be applied", WAIT, || {
-        s.db.bookings().len() == bookings.len() && s.db.dead_letters().len() as u64 == dead
+        s.db.bookings().len() == bookings.len() && s.db.dead_letters().len() as u64 == published.dead_letters()
     });
     for row in s.db.bookings() {
         let want = &bookings[row.external_id.as_deref().unwrap()];
@@ -110,41 +165,7 @@ fn metrics_match_what_a_load_generator_run_produced() {
             && metric_sum(&m, "booking_worker_consumer_lag", &[]) == 0.0
             && metric_sum(&m, "booking_worker_parked_cancellations", &[]) == 0.0
     });
-    let m = scrape();
-    let booking_records = records - summary["cancellations"].as_u64().unwrap();
-    assert_eq!(
-        metric_sum(&m, "booking_worker_events_total", &[("topic", &s.bookings)]),
-        booking_records as f64
-    );
-    assert_eq!(
-        metric_sum(
-            &m,
-            "booking_worker_events_total",
-            &[("topic", &s.bookings), ("outcome", "applied")]
-        ),
-        bookings.len() as f64,
-        "each distinct booking applied once"
-    );
-    for (reason, n) in expected["dead_letters"].as_object().unwrap() {
-        assert_eq!(
-            metric_sum(&m, "booking_worker_dead_letters_total", &[("reason", reason)]),
-            n.as_f64().unwrap(),
-            "dead letters of reason {reason}"
-        );
-    }
-    let committed = metric_sum(&m, "booking_worker_db_transactions_total", &[("result", "committed")]);
-    assert!(committed >= 1.0);
-    assert_eq!(metric_sum(&m, "booking_worker_batch_size_count", &[]), committed);
-    assert!(
-        metric_sum(
-            &m,
-            "booking_worker_processing_seconds_count",
-            &[("event_type", "booking")]
-        ) > 0.0
-    );
-    assert!(metric_sum(&m, "process_resident_memory_bytes", &[]) > 0.0);
-    assert!(m.iter().any(|(n, _, _)| n == "booking_worker_channel_depth"));
-    assert_eq!(metric_sum(&m, "booking_worker_assigned_partitions", &[]), 8.0);
+    assert_counters_match(&scrape(), &s, &published);
 
     wait_for("a stats line", WAIT, || {
         worker

@@ -53,10 +53,15 @@ fn go_worker_insert(s: &Setup, user: i32, room: i32, guests: i32, payment: &str,
         .expect("the Go worker's insert");
 }
 
-#[test]
-fn the_switch_over_from_the_go_worker_duplicates_no_booking() {
-    let Some(s) = Setup::new("switch") else { return };
-    s.db.exec(&format!("ALTER DATABASE \"{}\" SET timezone = 'Asia/Tokyo'", s.db.name));
+/// A booking event as the test publishes it: booking id, room, start and end.
+type Event = (String, String, String, String);
+
+/// The payment id and dates of the twin: one legacy row that two events match.
+const TWIN: (&str, &str, &str) = ("pay_twin", "2025-06-01T23:00:00-04:00", "2025-06-03T10:00:00-04:00");
+
+/// The Go worker's rows for 500 bookings spread over five rooms, and one more (the twin); returns
+/// the 500 events behind them.
+fn write_as_the_go_worker(s: &Setup) -> Vec<Event> {
     let owner = s.db.user("owner@example.com", "owner");
     let rooms: Vec<(String, i32)> = (0..5)
         .map(|i| {
@@ -65,39 +70,23 @@ fn the_switch_over_from_the_go_worker_duplicates_no_booking() {
             (name, id)
         })
         .collect();
-
-    // 500 bookings the Go worker wrote, and one more that two events match.
     let mut events = Vec::new();
     for n in 0..500 {
         let id = format!("booking_1736950000_{n:04}");
         let (start, end) = event_dates(n);
         let (room, room_id) = &rooms[n % rooms.len()];
-        go_worker_insert(&s, owner, *room_id, 2, &format!("pay_{id}"), &start, &end);
+        go_worker_insert(s, owner, *room_id, 2, &format!("pay_{id}"), &start, &end);
         events.push((id, room.clone(), start, end));
     }
-    let twin_payload = |id: &str| {
-        booking_json(
-            id,
-            "owner",
-            "room_0",
-            3,
-            "2025-06-01T23:00:00-04:00",
-            "2025-06-03T10:00:00-04:00",
-        )
-        .replace(&format!("pay_{id}"), "pay_twin")
-    };
-    go_worker_insert(
-        &s,
-        owner,
-        rooms[0].1,
-        3,
-        "pay_twin",
-        "2025-06-01T23:00:00-04:00",
-        "2025-06-03T10:00:00-04:00",
-    );
+    let (payment, start, end) = TWIN;
+    go_worker_insert(s, owner, rooms[0].1, 3, payment, start, end);
     let legacy_rows: i64 = s.db.value("SELECT count(*) FROM bookings WHERE external_id IS NULL");
     assert_eq!(legacy_rows, 501);
-    // The server's time zone moved the day of many of them away from the day written.
+    events
+}
+
+/// The server's time zone moved the day of many of the Go worker's rows away from the day written.
+fn assert_days_moved(s: &Setup, events: &[Event]) {
     let stored: std::collections::HashMap<String, String> =
         s.db.rows("SELECT payment_id::text, start_date::text FROM bookings")
             .iter()
@@ -108,20 +97,33 @@ fn the_switch_over_from_the_go_worker_duplicates_no_booking() {
         .filter(|(id, _, start, _)| stored[&format!("pay_{id}")] != start[..10])
         .count();
     assert!(shifted > 100, "only {shifted} of 500 days moved");
+}
 
-    // The same events, from offset 0, and cancellations of 100 of them by their booking ids.
-    for (id, room, start, end) in &events {
+/// The same events, two that match the twin, and cancellations of every fifth by its booking id.
+fn publish_the_events_again(s: &Setup, events: &[Event]) {
+    for (id, room, start, end) in events {
         let payload = booking_json(id, "owner", room, 2, start, end);
         s.producer.send(&s.bookings, id, payload.as_bytes(), &[]);
     }
+    let (payment, start, end) = TWIN;
     for id in ["twin_a", "twin_b"] {
-        s.producer.send(&s.bookings, id, twin_payload(id).as_bytes(), &[]);
+        let payload = booking_json(id, "owner", "room_0", 3, start, end).replace(&format!("pay_{id}"), payment);
+        s.producer.send(&s.bookings, id, payload.as_bytes(), &[]);
     }
     for (id, ..) in events.iter().step_by(5) {
         s.producer
             .send(&s.cancels, id, cancel_json(id, "owner").as_bytes(), &[]);
     }
     s.producer.flush();
+}
+
+#[test]
+fn the_switch_over_from_the_go_worker_duplicates_no_booking() {
+    let Some(s) = Setup::new("switch") else { return };
+    s.db.exec(&format!("ALTER DATABASE \"{}\" SET timezone = 'Asia/Tokyo'", s.db.name));
+    let events = write_as_the_go_worker(&s);
+    assert_days_moved(&s, &events);
+    publish_the_events_again(&s, &events);
 
     let worker = s.start("switch");
     wait_for("every booking to carry its external id", WAIT, || {
@@ -135,11 +137,8 @@ fn the_switch_over_from_the_go_worker_duplicates_no_booking() {
     let adopted = worker.json_lines().iter().filter(|l| l["end"] == "adopted").count();
     let created = worker.json_lines().iter().filter(|l| l["end"] == "created").count();
     assert_eq!((adopted, created), (501, 1));
-    let twins: Vec<_> = rows
-        .iter()
-        .filter(|b| b.payment_id.as_deref() == Some("pay_twin"))
-        .collect();
-    assert_eq!(twins.len(), 2);
+    let twins = rows.iter().filter(|b| b.payment_id.as_deref() == Some(TWIN.0)).count();
+    assert_eq!(twins, 2);
     for (id, ..) in events.iter().step_by(5) {
         assert_eq!(
             s.db.booking(id).map(|b| b.status),

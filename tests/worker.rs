@@ -222,19 +222,15 @@ fn cancellations_follow_the_rules() {
     assert_eq!(worker.terminate(WAIT), 0);
 }
 
-#[test]
-fn bad_records_are_dead_lettered_with_their_reason_and_later_records_still_apply() {
-    let Some(s) = Setup::new("bad") else { return };
-    s.db.user("owner@example.com", "owner");
-    s.db.room("room_1");
+/// One record of each kind of bad input, in order, with the reason it is dead-lettered for, and a
+/// valid booking last.
+fn bad_cases() -> Vec<BadCase> {
     let valid = |id: &str| booking_json(id, "owner", "room_1", 2, "2025-01-15", "2025-01-18");
     let huge = format!(
         r#"{{"bookingId":"huge","userId":"owner","roomId":"room_1","guests":1,"startDate":"2025-01-15","endDate":"2025-01-16","paymentId":"{}"}}"#,
         "x".repeat(1024 * 1024)
     );
-    // One key, so one partition and one order.
-    let key = "same-partition";
-    let cases: Vec<BadCase> = vec![
+    vec![
         (b"{not json".to_vec(), vec![], Some("malformed_json")),
         (
             br#"{"bookingId":"m1","userId":"owner"}"#.to_vec(),
@@ -268,7 +264,18 @@ fn bad_records_are_dead_lettered_with_their_reason_and_later_records_still_apply
         ),
         (huge.into_bytes(), vec![], Some("payload_too_large")),
         (valid("ok_after").into_bytes(), vec![], None),
-    ];
+    ]
+}
+
+#[test]
+fn bad_records_are_dead_lettered_with_their_reason_and_later_records_still_apply() {
+    let Some(s) = Setup::new("bad") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    // One key, so one partition and one order.
+    let key = "same-partition";
+    let valid = |id: &str| booking_json(id, "owner", "room_1", 2, "2025-01-15", "2025-01-18");
+    let cases = bad_cases();
     for (payload, headers, _) in &cases {
         let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
         s.producer.send(&s.bookings, key, payload, &headers);
