@@ -11,6 +11,7 @@
 //! - on revocation the partition threads are joined, in-flight records drained, and the durable
 //!   watermark committed synchronously unless the assignment was lost.
 
+use crate::align::{self, BookingSlot, CancellationGate, Horizon, Passage};
 use crate::baggage::{self, HeaderBaggage};
 use crate::config::{KafkaConfig, StartFrom};
 use crate::health::{Assignment, Health};
@@ -176,6 +177,8 @@ pub struct ConsumerWiring {
     pub assignment: Arc<Assignment>,
     pub max_payload_bytes: usize,
     pub drain_timeout: Duration,
+    /// The booking partitions' horizon, when cancellations wait for it (`ALIGN_CANCELLATIONS`).
+    pub horizon: Option<Arc<Horizon>>,
 }
 
 impl WorkerContext {
@@ -196,7 +199,11 @@ impl WorkerContext {
             log::error!("rebalance before the consumer was ready; partitions fall back to the main queue");
             return;
         };
-        for elem in tpl.elements() {
+        // The booking partitions first, so that their horizon is in place when a cancellation
+        // partition thread starts looking at it.
+        let mut elements = tpl.elements();
+        elements.sort_by_key(|e| self.topics.kind(e.topic()) != Some(EventKind::Booking));
+        for elem in elements {
             let tp = TopicPartition::new(elem.topic(), elem.partition());
             let Some(kind) = self.topics.kind(elem.topic()) else {
                 log::error!(topic = elem.topic(); "assigned a topic that is not in the table of topics");
@@ -216,6 +223,7 @@ impl WorkerContext {
                 dispatcher: dispatcher.clone(),
                 stop: Arc::clone(&stop),
                 max_payload_bytes: self.wiring.max_payload_bytes,
+                pacing: Pacing::of(kind, self.wiring.horizon.as_ref()),
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("consume-{}-{}", tp.topic, tp.partition))
@@ -444,6 +452,55 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
+/// A partition thread's part in keeping cancellations behind a booking backlog ([`crate::align`]).
+enum Pacing {
+    /// Alignment is off.
+    Free,
+    /// A booking partition: publishes how far it has handed records on.
+    Booking(BookingSlot),
+    /// A cancellation partition: waits for the booking partitions' horizon.
+    Cancellation(CancellationGate),
+}
+
+impl Pacing {
+    fn of(kind: EventKind, horizon: Option<&Arc<Horizon>>) -> Pacing {
+        match (kind, horizon) {
+            (_, None) => Pacing::Free,
+            (EventKind::Booking, Some(h)) => Pacing::Booking(h.join()),
+            (EventKind::Cancellation, Some(h)) => Pacing::Cancellation(CancellationGate::new(h)),
+        }
+    }
+
+    /// Before a record is handed on: false when the thread was told to stop meanwhile.
+    fn before(&mut self, work: &Work, stop: &dyn Fn() -> bool) -> bool {
+        let Pacing::Cancellation(gate) = self else {
+            return true;
+        };
+        if work.event().is_none() {
+            return true;
+        }
+        match gate.wait(work.meta().produced_at_ms, stop) {
+            Passage::Reached => true,
+            Passage::GaveUp => {
+                log::debug!(topic = work.meta().tp.topic.as_ref(), partition = work.meta().tp.partition;
+                    "the booking partitions' horizon stalled; a cancellation goes on without it");
+                true
+            }
+            Passage::Stopped => false,
+        }
+    }
+
+    /// After a record was handed on (`Some`), or a poll found nothing (`None`).
+    fn after(&self, produced_at_ms: Option<Option<i64>>) {
+        if let Pacing::Booking(slot) = self {
+            match produced_at_ms {
+                Some(at) => slot.handed_on(at, align::now_ms()),
+                None => slot.idle(),
+            }
+        }
+    }
+}
+
 /// Reads one partition's split queue and hands its records to the writers.
 struct PartitionReader {
     queue: PartitionQueue<WorkerContext>,
@@ -452,15 +509,17 @@ struct PartitionReader {
     dispatcher: Dispatcher,
     stop: Arc<AtomicBool>,
     max_payload_bytes: usize,
+    pacing: Pacing,
 }
 
 impl PartitionReader {
-    fn run(self) {
-        let stopped = || self.stop.load(Ordering::SeqCst);
+    fn run(mut self) {
+        let stop = Arc::clone(&self.stop);
+        let stopped = || stop.load(Ordering::SeqCst);
         while !stopped() {
             fail::fail_point!("partition-thread");
             match self.queue.poll(POLL_INTERVAL) {
-                None => {}
+                None => self.pacing.after(None),
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadCompression))) => {
                     log::error!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
                         error = "BadCompression";
@@ -474,9 +533,11 @@ impl PartitionReader {
                     // The message pins its whole decompressed record batch inside librdkafka;
                     // release it before waiting for room in a writer's channel.
                     drop(message);
-                    if !self.dispatcher.dispatch(work, &stopped) {
+                    let produced_at_ms = work.meta().produced_at_ms;
+                    if !self.pacing.before(&work, &stopped) || !self.dispatcher.dispatch(work, &stopped) {
                         break;
                     }
+                    self.pacing.after(Some(produced_at_ms));
                 }
             }
         }

@@ -23,6 +23,8 @@ pub mod offsets;
 // What travels from the partition threads to the writers, and the state the threads share.
 pub mod budget;
 
+pub mod align;
+
 pub mod pipeline;
 
 pub mod metrics;

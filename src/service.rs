@@ -11,7 +11,7 @@ use crate::offsets::OffsetTracker;
 use crate::repository::{self, MigrateError};
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterPool, WriterWiring};
-use crate::{budget, handlers, http, kafka, logger, writer};
+use crate::{align, budget, handlers, http, kafka, logger, writer};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -155,6 +155,7 @@ fn run_pipeline(config: &Config, pool: Pool, shared: Shared, shutdown: &Shutdown
         assignment: shared.assignment,
         max_payload_bytes: config.pipeline.max_payload_bytes,
         drain_timeout: config.pipeline.rebalance_drain_timeout,
+        horizon: config.pipeline.align_cancellations.then(align::Horizon::new),
     };
     let result = match kafka::Worker::start(&config.kafka, dispatcher, wiring) {
         Ok(worker) => consume_until_shutdown(worker, writers, shutdown),
