@@ -1,8 +1,9 @@
 //! W3C baggage carried by a record's `Baggage` header: finding it among raw headers and parsing it.
 //!
 //! This is the Go worker's tracing middleware. It does no I/O and never fails on input: a header
-//! key that is not UTF-8 is simply not `Baggage`, and a value that is not UTF-8 is reported so the
-//! record can be dead-lettered with its baggage kept lossily.
+//! key that is not UTF-8 is simply not `Baggage`, and a value that is not UTF-8 is kept lossily
+//! (each invalid sequence becomes U+FFFD) and reported, so that the record is applied all the same
+//! and the oddity is logged.
 
 /// The most of a baggage value that is carried and logged (the W3C limit for the whole header).
 pub const MAX_BAGGAGE_BYTES: usize = 8192;
@@ -12,7 +13,7 @@ pub const MAX_BAGGAGE_BYTES: usize = 8192;
 pub enum HeaderBaggage {
     Absent,
     Present(String),
-    /// The header was there but its value is not UTF-8; the lossy text is kept for the record.
+    /// The header was there but its value is not UTF-8; the lossy text travels with the record.
     NotUtf8(String),
 }
 

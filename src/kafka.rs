@@ -16,7 +16,7 @@ use crate::baggage::{self, HeaderBaggage};
 use crate::config::{KafkaConfig, StartFrom};
 use crate::health::{Assignment, Health};
 use crate::metrics::Metrics;
-use crate::models::{EventKind, Reason, Rejection};
+use crate::models::EventKind;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::pipeline::{RecordMeta, Work};
 use crate::shutdown::Shutdown;
@@ -137,10 +137,10 @@ pub fn to_work(message: &BorrowedMessage<'_>, kind: EventKind, tp: &TopicPartiti
         produced_at_ms: message.timestamp().to_millis(),
     };
     if let HeaderBaggage::NotUtf8(_) = baggage {
-        return Work::Reject {
-            meta,
-            rejection: Rejection::new(Reason::InvalidHeader, "the Baggage header value is not UTF-8"),
-        };
+        // A trace header never costs a booking: the record is applied, and its lossy baggage
+        // text is what its log lines and any dead letter carry.
+        log::warn!(topic = tp.topic.as_ref(), partition = tp.partition, offset = meta.offset;
+            "the Baggage header value is not UTF-8; kept with replacement characters");
     }
     match kind.decode(&meta.payload, max_payload_bytes) {
         Ok(event) => Work::Apply { meta, event },

@@ -161,7 +161,6 @@ pub enum Reason {
     InvalidGuests,
     InvalidDates,
     PayloadTooLarge,
-    InvalidHeader,
     UnknownUser,
     UnknownRoom,
     Unauthorized,
@@ -171,14 +170,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 12] = [
         Reason::MalformedJson,
         Reason::MissingField,
         Reason::InvalidField,
         Reason::InvalidGuests,
         Reason::InvalidDates,
         Reason::PayloadTooLarge,
-        Reason::InvalidHeader,
         Reason::UnknownUser,
         Reason::UnknownRoom,
         Reason::Unauthorized,
@@ -195,7 +193,6 @@ impl Reason {
             Reason::InvalidGuests => "invalid_guests",
             Reason::InvalidDates => "invalid_dates",
             Reason::PayloadTooLarge => "payload_too_large",
-            Reason::InvalidHeader => "invalid_header",
             Reason::UnknownUser => "unknown_user",
             Reason::UnknownRoom => "unknown_room",
             Reason::Unauthorized => "unauthorized",
