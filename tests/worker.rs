@@ -162,19 +162,25 @@ fn cancellations_follow_the_rules() {
          VALUES ({owner}, {room}, 1, '2025-05-01', '2025-05-03', 'pay_legacy')"
     ));
     let legacy_id = s.db.bookings()[0].id;
+    // And one whose id has ten digits, as a SERIAL reaches after a billion rows.
+    s.db.exec(&format!(
+        "INSERT INTO bookings (id, user_id, room_id, number_of_guests, start_date, end_date, payment_id)
+         VALUES (2000000000, {owner}, {room}, 1, '2025-06-01', '2025-06-03', 'pay_legacy_2')"
+    ));
 
     let worker = s.start("cancel");
     s.book("own", "owner", "room_1");
     s.book("twice", "owner", "room_1");
     s.book("theirs", "owner", "room_1");
     s.producer.flush();
-    s.wait_rows(4);
+    s.wait_rows(5);
 
     s.cancel("own", "owner@example.com");
     s.cancel("theirs", "intruder");
     s.cancel("twice", "owner");
     s.cancel("twice", &owner.to_string());
     s.cancel(&legacy_id.to_string(), "owner");
+    s.cancel("2000000000", "owner");
     s.producer.flush();
     s.wait_status("own", "Cancelled");
     s.wait_status("twice", "Cancelled");
@@ -182,6 +188,11 @@ fn cancellations_follow_the_rules() {
         s.db.bookings()
             .iter()
             .any(|b| b.id == legacy_id && b.status == "Cancelled")
+    });
+    wait_for("the ten-digit legacy booking to be cancelled", WAIT, || {
+        s.db.bookings()
+            .iter()
+            .any(|b| b.id == 2_000_000_000 && b.status == "Cancelled")
     });
     wait_for("the repeated cancellation", WAIT, || {
         ends(&worker, "already_cancelled") == 1
@@ -217,6 +228,13 @@ fn cancellations_follow_the_rules() {
     assert!(s.db.parked().is_empty(), "the parked cancellation was used up");
     wait_for("the released cancellation line", WAIT, || {
         worker.logged("parked cancellation applied")
+    });
+    // All digits, but past the largest row id: no row can have it, so it is parked like any
+    // unknown booking id (and the batch does not fail on the conversion).
+    s.cancel("4294967296", "owner");
+    s.producer.flush();
+    wait_for("the out-of-range id to be parked", WAIT, || {
+        s.db.parked() == ["4294967296"]
     });
     assert_eq!(s.db.dead_letters().len(), 1);
     assert_eq!(worker.terminate(WAIT), 0);

@@ -486,10 +486,24 @@ fn pipeline_config(s: &Settings) -> PipelineConfig {
 }
 
 fn invalid(variable: &str, value: &str, expected: &str) -> ConfigError {
-    ConfigError {
-        variable: variable.to_string(),
-        value: value.to_string(),
-        expected: expected.to_string(),
+    ConfigError::new(variable, value, expected)
+}
+
+impl ConfigError {
+    /// The refusal of `value` for `variable`. The value of a secret (a password, a token) is never
+    /// kept, so that no message or log line can show it.
+    pub fn new(variable: &str, value: &str, expected: &str) -> ConfigError {
+        let upper = variable.to_ascii_uppercase();
+        let secret = ["PASSWORD", "SECRET", "TOKEN"].iter().any(|w| upper.contains(w));
+        ConfigError {
+            variable: variable.to_string(),
+            value: if secret {
+                "(hidden)".to_string()
+            } else {
+                value.to_string()
+            },
+            expected: expected.to_string(),
+        }
     }
 }
 
@@ -699,6 +713,19 @@ mod tests {
     fn the_password_is_never_printed() {
         let c = Config::from_vars(&vars(&[("DB_PASSWORD", "s3cret-value")])).unwrap();
         assert!(!format!("{c:?}").contains("s3cret-value"));
+        for variable in [
+            "DB_PASSWORD",
+            "KAFKA_PROP_SASL_PASSWORD",
+            "KAFKA_PROP_SASL_OAUTHBEARER_CLIENT_SECRET",
+        ] {
+            let refused = ConfigError::new(variable, "s3cret-value", "something else").to_string();
+            assert!(
+                !refused.contains("s3cret-value") && refused.contains(variable),
+                "{refused}"
+            );
+        }
+        let shown = ConfigError::new("DB_PORT", "99999", "a port").to_string();
+        assert!(shown.contains("99999"), "{shown}");
     }
 
     /// The `| `NAME` | default | meaning |` rows of the README's configuration table.

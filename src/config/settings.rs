@@ -203,13 +203,7 @@ impl<T: Clone + Send + Sync + 'static> TypedValueParser for Check<T> {
 
     fn parse_ref(&self, _cmd: &Command, arg: Option<&Arg>, value: &OsStr) -> Result<T, clap::Error> {
         let variable = arg.map(variable_of).unwrap_or_default();
-        let refuse = |expected: String| {
-            refusal(ConfigError {
-                variable: variable.clone(),
-                value: value.to_string_lossy().into_owned(),
-                expected,
-            })
-        };
+        let refuse = |expected: String| refusal(ConfigError::new(&variable, &value.to_string_lossy(), &expected));
         let raw = value.to_str().ok_or_else(|| refuse("UTF-8 text".into()))?;
         let given = if self.verbatim { raw } else { raw.trim() };
         let default = arg

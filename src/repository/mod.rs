@@ -82,7 +82,8 @@ pub fn resolve_user_ids<C: GenericClient>(conn: &mut C, identifiers: &[&str]) ->
         "SELECT i.ref AS reference,
                 COALESCE(
                     (SELECT u.id FROM users u
-                      WHERE i.ref ~ '^[0-9]{1,9}$' AND u.id = i.ref::integer),
+                      WHERE u.id = CASE WHEN i.ref ~ '^0*[0-9]{1,10}$' THEN
+                                     CASE WHEN i.ref::int8 <= 2147483647 THEN i.ref::integer END END),
                     (SELECT u.id FROM users u WHERE u.email = i.ref),
                     (SELECT u.id FROM users u WHERE u.username = i.ref)) AS id
            FROM (SELECT DISTINCT ref FROM unnest($1::text[]) AS ref) AS i",
@@ -286,7 +287,9 @@ pub fn find_bookings_for_cancel<C: GenericClient>(
         conn,
         "SELECT id, external_id::text AS external_id, user_id, status::text AS status FROM bookings
           WHERE external_id = ANY($1::text[])
-             OR id = ANY(ARRAY(SELECT r::integer FROM unnest($1::text[]) AS r WHERE r ~ '^[0-9]{1,9}$'))
+             OR id = ANY(ARRAY(SELECT CASE WHEN r ~ '^0*[0-9]{1,10}$' THEN
+                                        CASE WHEN r::int8 <= 2147483647 THEN r::integer END END
+                                 FROM unnest($1::text[]) AS r))
           ORDER BY id
           FOR UPDATE",
         &[(&references, Type::TEXT_ARRAY)],
