@@ -8,6 +8,7 @@
 //! at most every [`LOG_EVERY`].
 
 use crate::database::{remedy, DbError};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,6 +17,10 @@ use std::time::{Duration, Instant};
 
 /// The longest silence between two ERROR lines of one halt.
 pub const LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The start-up's own place in the halt, beside the writers' numbers: its check of the database
+/// and its migrations, before any record is read.
+pub const AT_START: usize = usize::MAX;
 
 /// Why the worker is halted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +123,22 @@ impl Halt {
             "database takes the worker's writes again; resuming");
         self.resumed.notify_all();
         Transition::Resumed
+    }
+
+    /// [`Halt::enter`], then the metrics: one halt more when the worker was running, and the
+    /// gauge as the halt stands after this change, whatever others changed meanwhile.
+    pub fn enter_counted(&self, who: usize, error: &DbError, metrics: &Metrics) {
+        if self.enter(who, error) == Transition::Halted {
+            metrics.count_halt();
+        }
+        metrics.set_halted(self.cause().is_some());
+    }
+
+    /// [`Halt::leave`], then the gauge when the worker runs again.
+    pub fn leave_counted(&self, who: usize, metrics: &Metrics) {
+        if self.leave(who) == Transition::Resumed {
+            metrics.set_halted(self.cause().is_some());
+        }
     }
 
     /// The cause of the halt, if the worker is halted.

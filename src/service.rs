@@ -4,7 +4,7 @@
 
 use crate::config::{Config, DatabaseConfig, MigrateMode};
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
-use crate::halt::Halt;
+use crate::halt::{self, Halt};
 use crate::health::{Assignment, DatabaseProbe, Health, Readiness};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
@@ -75,7 +75,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         assignment: Assignment::new(&kafka::TopicTable::from_config(&config.kafka).topics()),
     };
     let endpoint = serve_endpoint(&config, &pool, &shared, &shutdown)?;
-    let result = match wait_and_migrate(&pool, &shutdown, &config) {
+    let result = match wait_and_migrate(&pool, &shutdown, &config, &shared) {
         Ok(true) => run_pipeline(&config, pool, shared, &shutdown).map(|()| true),
         Ok(false) => {
             log::info!("shutdown before the database was reachable");
@@ -195,25 +195,31 @@ fn consume_until_shutdown(worker: kafka::Worker, writers: WriterPool, shutdown: 
     Ok(())
 }
 
-/// Waits for the database (retrying transient failures with backoff) and brings the worker's
-/// migrations up to date: applies them under `DB_MIGRATE=auto`, or only checks that none is
-/// pending under `off`. Returns false when shutdown came first.
-fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config) -> Result<bool, RunError> {
+/// Waits for the database and brings the worker's migrations up to date: applies them under
+/// `DB_MIGRATE=auto`, or only checks that none is pending under `off`. A transient failure is
+/// retried with backoff; a systemic one (a refused login, a missing grant or table) halts the
+/// worker as it would mid-stream, `/readyz` naming it, and is retried until it clears. Returns
+/// false when shutdown came first.
+fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config, shared: &Shared) -> Result<bool, RunError> {
     let mut backoff = Backoff::new(config.pipeline.retry_max_backoff);
     loop {
         match migrate_once(pool, &config.database) {
             Ok(applied) => {
+                shared.halt.leave_counted(halt::AT_START, &shared.metrics);
                 log::info!(applied = applied.join(","); "database ready; migrations up to date");
                 return Ok(true);
             }
-            Err(MigrateError::Database(e)) if e.is(ErrorClass::Transient) => {
+            Err(MigrateError::Database(e)) => {
                 let delay = backoff.next_delay();
-                log::warn!(error = e.to_string(), attempt = backoff.attempts; "database not reachable yet; retrying");
+                if e.is(ErrorClass::Transient) {
+                    log::warn!(error = e.to_string(), attempt = backoff.attempts; "database not reachable yet; retrying");
+                } else {
+                    shared.halt.enter_counted(halt::AT_START, &e, &shared.metrics);
+                }
                 if shutdown.sleep(delay) {
                     return Ok(false);
                 }
             }
-            Err(MigrateError::Database(e)) => return Err(RunError::Database(e)),
             Err(MigrateError::NotAllowed { pending, error }) => {
                 let reason = match config.database.migrate {
                     MigrateMode::Off => "DB_MIGRATE=off".to_string(),

@@ -10,7 +10,7 @@
 use crate::budget::ByteBudget;
 use crate::config::PipelineConfig;
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
-use crate::halt::{Halt, Transition};
+use crate::halt::Halt;
 use crate::handlers::{self, BatchResult};
 use crate::health::Health;
 use crate::logger::{self, EventScope};
@@ -432,11 +432,7 @@ impl Writer {
     fn wait_out(&self, error: &DbError, backoff: &mut Backoff, records: usize) -> Result<(), ()> {
         let delay = backoff.next_delay();
         if error.is(ErrorClass::Systemic) {
-            if self.halt.enter(self.number, error) == Transition::Halted {
-                self.metrics.count_halt();
-            }
-            // The state after this change, whatever other writers changed meanwhile.
-            self.metrics.set_halted(self.halt.cause().is_some());
+            self.halt.enter_counted(self.number, error, &self.metrics);
         } else {
             log::warn!(error = error.to_string(), attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64,
                 records; "database unavailable; retrying the batch");
@@ -449,9 +445,7 @@ impl Writer {
 
     /// The database took this writer's batch: it is no longer halted.
     fn running(&self) {
-        if self.halt.leave(self.number) == Transition::Resumed {
-            self.metrics.set_halted(self.halt.cause().is_some());
-        }
+        self.halt.leave_counted(self.number, &self.metrics);
     }
 }
 

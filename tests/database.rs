@@ -84,14 +84,18 @@ fn book_range(s: &Setup, prefix: &str, range: std::ops::Range<usize>, room: &str
 
 /// The worker halts on a systemic error made by `break_it`, with no new dead letter and no
 /// committed offset past the applied records; `mend_it` lets it resume by itself, and every
-/// record is then applied exactly once.
+/// record is then applied exactly once. With `role`, the worker logs in as a role of its own with
+/// the run-time rights only, named `{role}` in the two statements.
 fn halts_and_resumes(tag: &str, sqlstate: &str, role: bool, break_it: &str, mend_it: &str) {
     let Some(s) = Setup::new(tag) else { return };
     s.db.user("owner@example.com", "owner");
     s.db.room("room_1");
     let mut extra = vec![("RETRY_MAX_BACKOFF_MS".to_string(), "500".to_string())];
+    let (mut break_it, mut mend_it) = (break_it.to_string(), mend_it.to_string());
     if role {
         let (user, password) = worker_role(&s.db);
+        break_it = break_it.replace("{role}", &user);
+        mend_it = mend_it.replace("{role}", &user);
         extra.push(("DB_USER".into(), user));
         extra.push(("DB_PASSWORD".into(), password));
     }
@@ -103,7 +107,7 @@ fn halts_and_resumes(tag: &str, sqlstate: &str, role: bool, break_it: &str, mend
         committed_sum(&s, &s.bookings) == 10
     });
 
-    s.db.exec(break_it);
+    s.db.exec(&break_it);
     book_range(&s, "b", 10..50, "room_1");
     wait_for(&format!("/readyz to name {sqlstate}"), WAIT, || {
         let (status, body) = readyz(&worker);
@@ -131,7 +135,7 @@ fn halts_and_resumes(tag: &str, sqlstate: &str, role: bool, break_it: &str, mend
         errors[0]
     );
 
-    s.db.exec(mend_it);
+    s.db.exec(&mend_it);
     s.wait_rows(50);
     wait_for("/readyz to be 200 again", WAIT, || readyz(&worker).0 == 200);
     assert_eq!(metric(&worker, "booking_worker_halted"), 0.0);
@@ -162,11 +166,54 @@ fn a_revoked_grant_halts_the_worker_until_it_is_granted_again() {
         "halt_revoke",
         "42501",
         true,
-        "DO $$ BEGIN EXECUTE format('REVOKE INSERT ON bookings FROM %I',
-            (SELECT rolname FROM pg_roles WHERE rolname LIKE 'bw_role%' ORDER BY oid DESC LIMIT 1)); END $$",
-        "DO $$ BEGIN EXECUTE format('GRANT INSERT ON bookings TO %I',
-            (SELECT rolname FROM pg_roles WHERE rolname LIKE 'bw_role%' ORDER BY oid DESC LIMIT 1)); END $$",
+        "REVOKE INSERT ON bookings FROM {role}",
+        "GRANT INSERT ON bookings TO {role}",
     );
+}
+
+/// A systemic error at start-up (here the role may not read the worker's schema) halts the worker
+/// as it would mid-stream: it keeps running, `/readyz` names the SQLSTATE, and once the grant is
+/// back it starts by itself and applies what was published meanwhile.
+#[test]
+fn a_systemic_error_at_start_up_halts_until_it_clears() {
+    let Some(s) = Setup::new("halt_start") else { return };
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let (role, password) = worker_role(&s.db);
+    s.db.exec(&format!("REVOKE USAGE ON SCHEMA booking_worker FROM {role}"));
+    let mut worker = s.start_with(
+        "halt_start",
+        &[
+            ("DB_USER", &role),
+            ("DB_PASSWORD", &password),
+            ("RETRY_MAX_BACKOFF_MS", "500"),
+        ],
+    );
+    wait_for("/readyz to name 42501", WAIT, || {
+        let (status, body) = readyz(&worker);
+        status == 503 && body.contains("halted: SQLSTATE 42501")
+    });
+    assert_eq!(metric(&worker, "booking_worker_halted"), 1.0);
+    book_range(&s, "start", 0..5, "room_1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        worker.is_running(),
+        "a systemic error at start-up does not end the process"
+    );
+    assert!(s.db.bookings().is_empty());
+    let errors = worker
+        .json_lines()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR" && l["sqlstate"] == "42501")
+        .count();
+    assert!(errors >= 1, "one ERROR line names the SQLSTATE");
+
+    s.db.exec(&format!("GRANT USAGE ON SCHEMA booking_worker TO {role}"));
+    s.wait_rows(5);
+    wait_for("/readyz to be 200", WAIT, || readyz(&worker).0 == 200);
+    assert_eq!(metric(&worker, "booking_worker_halted"), 0.0);
+    assert!(worker.logged("database ready; migrations up to date"));
+    assert_eq!(worker.terminate(WAIT), 0);
 }
 
 /// Waits until one of the worker's sessions waits for a lock.
