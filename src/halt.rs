@@ -147,11 +147,13 @@ impl Halt {
         state.writers.values().min_by_key(|c| c.since).cloned()
     }
 
-    /// Blocks while another writer is halted (a writer takes no new batch then). Returns early on
-    /// shutdown.
-    pub fn wait_until_running(&self, shutdown: &Shutdown) {
+    /// Blocks while another writer is halted (a writer takes no new batch then), calling `beat`
+    /// at every wake (at least every 200 ms): waiting out a halt is idle by design. Returns early
+    /// on shutdown.
+    pub fn wait_until_running(&self, shutdown: &Shutdown, beat: &dyn Fn()) {
         let mut state = self.lock();
         while !state.writers.is_empty() && !shutdown.is_triggered() {
+            beat();
             state = self
                 .resumed
                 .wait_timeout(state, Duration::from_millis(200))
@@ -261,15 +263,22 @@ mod tests {
         halt.enter(1, &error("42501"));
         let waiter = {
             let halt = std::sync::Arc::clone(&halt);
-            std::thread::spawn(move || halt.wait_until_running(&Shutdown::new()))
+            std::thread::spawn(move || {
+                let beats = AtomicU32::new(0);
+                halt.wait_until_running(&Shutdown::new(), &|| {
+                    beats.fetch_add(1, Ordering::SeqCst);
+                });
+                beats.into_inner()
+            })
         };
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(450));
         assert!(
             !waiter.is_finished(),
             "a writer starts no batch while another is halted"
         );
         halt.leave(1);
-        waiter.join().unwrap();
+        let beats = waiter.join().unwrap();
+        assert!(beats >= 2, "the waiting writer beats while it waits: {beats}");
     }
 
     #[test]

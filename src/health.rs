@@ -1,6 +1,7 @@
 //! The worker's health as its threads report it: which long-running threads are alive and whether
-//! the consumer's poll loop goes round (`/healthz`), and what the group has assigned this instance
-//! (part of `/readyz`). The HTTP server only reads it.
+//! the consumer's poll loop goes round (`/healthz`), which of them have stopped beating (the
+//! service manager's watchdog), and what the group has assigned this instance (part of `/readyz`).
+//! The HTTP server and the notifier only read it.
 
 use crate::halt::Halt;
 use std::collections::BTreeSet;
@@ -11,17 +12,34 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Liveness of the worker's long-running threads.
 #[derive(Debug, Default)]
 pub struct Health {
-    threads: Mutex<Vec<(String, Arc<AtomicBool>)>>,
+    threads: Mutex<Vec<(String, Arc<Pulse>)>>,
     poll_beat_ms: AtomicU64,
+}
+
+/// One registered thread: whether it runs, and when it last went round its loop.
+#[derive(Debug)]
+struct Pulse {
+    alive: AtomicBool,
+    /// Milliseconds since the epoch of the last [`Alive::beat`]; 0 until the first one.
+    beat_ms: AtomicU64,
 }
 
 /// Held by a thread for as long as it runs; dropping it (also by a panic) marks the thread dead.
 #[derive(Debug)]
-pub struct Alive(Arc<AtomicBool>);
+pub struct Alive(Arc<Pulse>);
+
+impl Alive {
+    /// The thread went round its loop: it made progress, or waited as it is meant to (idle, or
+    /// retrying while the database cannot take writes). The first beat puts the thread under the
+    /// watchdog ([`Health::stalled`]); a thread that never beats is only watched for being alive.
+    pub fn beat(&self) {
+        self.0.beat_ms.store(now_ms(), Ordering::SeqCst);
+    }
+}
 
 impl Drop for Alive {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.0.alive.store(false, Ordering::SeqCst);
     }
 }
 
@@ -41,11 +59,14 @@ impl Health {
 
     /// Registers the calling thread under `name`; keep the guard for the thread's life.
     pub fn register(&self, name: &str) -> Alive {
-        let flag = Arc::new(AtomicBool::new(true));
+        let pulse = Arc::new(Pulse {
+            alive: AtomicBool::new(true),
+            beat_ms: AtomicU64::new(0),
+        });
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         threads.retain(|(n, _)| n != name);
-        threads.push((name.to_string(), Arc::clone(&flag)));
-        Alive(flag)
+        threads.push((name.to_string(), Arc::clone(&pulse)));
+        Alive(pulse)
     }
 
     /// The consumer's poll loop went round.
@@ -58,7 +79,7 @@ impl Health {
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let dead: Vec<&str> = threads
             .iter()
-            .filter(|(_, alive)| !alive.load(Ordering::SeqCst))
+            .filter(|(_, pulse)| !pulse.alive.load(Ordering::SeqCst))
             .map(|(n, _)| n.as_str())
             .collect();
         if !dead.is_empty() {
@@ -70,6 +91,37 @@ impl Health {
         }
         Ok(())
     }
+
+    /// The first thread that is dead, or that beat once and then not for `limit`: the watchdog
+    /// stops pinging while there is one. `None` when every thread is alive and beating.
+    pub fn stalled(&self, limit: Duration) -> Option<String> {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        let pulses: Vec<(&str, bool, u64)> = threads
+            .iter()
+            .map(|(n, p)| {
+                (
+                    n.as_str(),
+                    p.alive.load(Ordering::SeqCst),
+                    p.beat_ms.load(Ordering::SeqCst),
+                )
+            })
+            .collect();
+        first_stalled(&pulses, now_ms(), limit)
+    }
+}
+
+/// [`Health::stalled`] over `(name, alive, last beat in ms since the epoch, 0 for none)` at `now_ms`.
+fn first_stalled(pulses: &[(&str, bool, u64)], now_ms: u64, limit: Duration) -> Option<String> {
+    pulses.iter().find_map(|&(name, alive, beat)| {
+        let silent = now_ms.saturating_sub(beat);
+        if !alive {
+            Some(format!("{name} stopped"))
+        } else if beat != 0 && silent > limit.as_millis() as u64 {
+            Some(format!("{name} silent for {} s", silent / 1000))
+        } else {
+            None
+        }
+    })
 }
 
 /// Which subscribed topics this instance holds partitions of, as the last rebalance left them.
@@ -166,6 +218,46 @@ mod tests {
         let health = Health::new();
         health.poll_beat_ms.store(now_ms() - 10 * 60 * 1000, Ordering::SeqCst);
         assert!(health.check().unwrap_err().contains("not polled"));
+    }
+
+    #[test]
+    fn the_watchdog_watches_a_thread_from_its_first_beat_on() {
+        let limit = Duration::from_secs(60);
+        let now = 1_000_000_000;
+        let fresh = [("writer-1", true, now - 59_000), ("consumer-poll", true, now - 1)];
+        assert_eq!(first_stalled(&fresh, now, limit), None);
+        let never_beat = [("http", true, 0)];
+        assert_eq!(
+            first_stalled(&never_beat, now, limit),
+            None,
+            "a thread that never beats is not watched"
+        );
+        let wedged = [("consumer-poll", true, now - 1), ("writer-2", true, now - 61_000)];
+        assert_eq!(
+            first_stalled(&wedged, now, limit),
+            Some("writer-2 silent for 61 s".to_string())
+        );
+        let dead = [("writer-1", false, now)];
+        assert_eq!(first_stalled(&dead, now, limit), Some("writer-1 stopped".to_string()));
+    }
+
+    #[test]
+    fn a_beat_keeps_a_registered_thread_off_the_stalled_list() {
+        let health = Health::new();
+        let writer = health.register("writer-1");
+        assert_eq!(health.stalled(Duration::from_millis(10)), None, "not beating yet");
+        writer.beat();
+        assert_eq!(health.stalled(Duration::from_secs(60)), None);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(
+            health.stalled(Duration::from_millis(10)),
+            Some("writer-1 silent for 1 s".to_string())
+        );
+        drop(writer);
+        assert_eq!(
+            health.stalled(Duration::from_secs(60)),
+            Some("writer-1 stopped".to_string())
+        );
     }
 
     #[test]

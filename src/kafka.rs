@@ -14,7 +14,7 @@
 use crate::align::{self, BookingSlot, CancellationGate, Horizon, Passage};
 use crate::baggage::{self, HeaderBaggage};
 use crate::config::{KafkaConfig, StartFrom};
-use crate::health::{Assignment, Health};
+use crate::health::{Alive, Assignment, Health};
 use crate::metrics::Metrics;
 use crate::models::EventKind;
 use crate::offsets::{OffsetTracker, TopicPartition};
@@ -585,10 +585,11 @@ impl Worker {
     /// partition threads are stopped and this worker's channel senders are dropped.
     pub fn poll_until(self, shutdown: &Shutdown) -> Arc<BaseConsumer<WorkerContext>> {
         let wiring = &self.context().wiring;
-        let _alive = wiring.health.register("consumer-poll");
+        let alive = wiring.health.register("consumer-poll");
         while !shutdown.is_triggered() {
             fail::fail_point!("consumer-poll");
             wiring.health.beat();
+            alive.beat();
             let (depth, bytes) = self
                 .context()
                 .lock()
@@ -599,7 +600,7 @@ impl Worker {
             wiring.metrics.set_in_flight_bytes(bytes);
             match self.consumer.poll(POLL_INTERVAL) {
                 None => {}
-                Some(Ok(message)) => self.stray_message(&message, shutdown),
+                Some(Ok(message)) => self.stray_message(&message, shutdown, &alive),
                 Some(Err(e)) => log::warn!(error = e.to_string(); "consumer error"),
             }
             self.store_progress();
@@ -613,8 +614,8 @@ impl Worker {
     }
 
     /// A message on the main queue (a partition whose queue could not be split) is processed like
-    /// any other, never dropped.
-    fn stray_message(&self, message: &BorrowedMessage<'_>, shutdown: &Shutdown) {
+    /// any other, never dropped. Waiting for room in a writer's channel is idle by design: it beats.
+    fn stray_message(&self, message: &BorrowedMessage<'_>, shutdown: &Shutdown, alive: &Alive) {
         let Some(kind) = self.topics.kind(message.topic()) else {
             log::error!(topic = message.topic(); "message from a topic that is not in the table of topics");
             return;
@@ -624,7 +625,10 @@ impl Worker {
             return;
         };
         let work = to_work(message, kind, &tp, self.context().wiring.max_payload_bytes);
-        dispatcher.dispatch(work, &|| shutdown.is_triggered());
+        dispatcher.dispatch(work, &|| {
+            alive.beat();
+            shutdown.is_triggered()
+        });
     }
 
     fn store_progress(&self) {

@@ -38,7 +38,8 @@ pub mod health;
 
 pub mod repository;
 
-// The stages, in the data's order: handlers, writers, the consumer; and the HTTP endpoint.
+// The stages, in the data's order: handlers, writers, the consumer; the HTTP endpoint and the
+// service manager's notifications.
 pub mod handlers;
 
 pub mod writer;
@@ -46,6 +47,8 @@ pub mod writer;
 pub mod kafka;
 
 pub mod http;
+
+pub mod notify;
 
 // The whole service, the other commands, and the load generator.
 pub mod service;

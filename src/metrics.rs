@@ -195,6 +195,11 @@ impl Metrics {
         self.assigned.set(n as i64);
     }
 
+    /// Partitions this instance holds now.
+    pub fn assigned(&self) -> i64 {
+        self.assigned.get()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -11,7 +11,7 @@ use crate::offsets::OffsetTracker;
 use crate::repository::{self, MigrateError};
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterPool, WriterWiring};
-use crate::{align, budget, handlers, http, kafka, logger, writer};
+use crate::{align, budget, handlers, http, kafka, logger, notify, writer};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -75,6 +75,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         assignment: Assignment::new(&kafka::TopicTable::from_config(&config.kafka).topics()),
     };
     let endpoint = serve_endpoint(&config, &pool, &shared, &shutdown)?;
+    let notifier = spawn_notifier(&pool, &shared, &shutdown);
     let result = match wait_and_migrate(&pool, &shutdown, &config, &shared) {
         Ok(true) => run_pipeline(&config, pool, shared, &shutdown).map(|()| true),
         Ok(false) => {
@@ -88,6 +89,9 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         if endpoint.stop().is_err() {
             log::error!(thread = "http"; "thread panicked");
         }
+    }
+    if let Some(notifier) = notifier {
+        join_named(notifier);
     }
     if let Ok(true) = result {
         log::info!("booking-worker stopped cleanly");
@@ -116,6 +120,27 @@ fn serve_endpoint(
         addr: addr.to_string(),
         error,
     })
+}
+
+/// Starts the `sd-notify` thread when systemd asked for notifications (`NOTIFY_SOCKET`). Its
+/// readiness verdict is `/readyz`'s. Without the thread the worker runs on; under `Type=notify`
+/// systemd then stops it at `TimeoutStartSec` and starts it again.
+fn spawn_notifier(pool: &Pool, shared: &Shared, shutdown: &Shutdown) -> Option<JoinHandle<()>> {
+    let readiness = Readiness {
+        database: database_probe(pool.clone()),
+        assignment: Arc::clone(&shared.assignment),
+        halt: Arc::clone(&shared.halt),
+    };
+    let sources = notify::Sources {
+        health: Arc::clone(&shared.health),
+        halt: Arc::clone(&shared.halt),
+        metrics: Arc::clone(&shared.metrics),
+        readiness: Box::new(move || readiness.check()),
+    };
+    notify::spawn(sources, shutdown.clone())
+        .inspect_err(|e| log::error!(error = e.to_string(); "could not start the sd-notify thread"))
+        .ok()
+        .flatten()
 }
 
 /// `/readyz`'s question to the database: a connection from the pool answers a trivial query.
@@ -249,7 +274,7 @@ fn migrate_once(pool: &Pool, config: &DatabaseConfig) -> Result<Vec<String>, Mig
 }
 
 /// The `housekeeping` thread: expires parked cancellations into dead letters, keeps the parked
-/// gauge current, and logs the periodic stats line.
+/// gauge current, and logs the periodic stats line. It beats at every turn of its loop.
 fn spawn_housekeeping(
     pool: Pool,
     shutdown: Shutdown,
@@ -262,10 +287,10 @@ fn spawn_housekeeping(
     let stats_every = config.stats_log_interval;
     let alive = health.register("housekeeping");
     std::thread::Builder::new().name("housekeeping".into()).spawn(move || {
-        let _alive = alive;
         let mut next_expiry = Instant::now() + expiry_every;
         let mut next_stats = stats_every.map(|d| Instant::now() + d);
         while !shutdown.sleep(Duration::from_millis(500)) {
+            alive.beat();
             let now = Instant::now();
             if now >= next_expiry {
                 next_expiry = now + expiry_every;

@@ -20,7 +20,7 @@ use crate::offsets::OffsetTracker;
 use crate::pipeline::{Outcome, Work};
 use crate::repository::ParkedCancellation;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -35,6 +35,9 @@ pub struct Dispatcher {
 
 /// How often a blocked send checks whether it should give up.
 const SEND_POLL: Duration = Duration::from_millis(100);
+
+/// How often an idle writer beats while its channel stays empty.
+const IDLE_BEAT: Duration = Duration::from_secs(1);
 
 impl Dispatcher {
     /// Hands a record to its writer, blocking while that writer's channel is full (back-pressure).
@@ -111,7 +114,7 @@ impl WriterPool {
                 shutdown: wiring.shutdown.clone(),
                 budget: Arc::clone(&wiring.budget),
                 adopt_legacy_rows: config.adopt_legacy_rows,
-                _alive: wiring.health.register(&name),
+                alive: wiring.health.register(&name),
                 batch_size: config.batch_size,
                 linger: config.batch_linger,
                 max_backoff: config.retry_max_backoff,
@@ -173,8 +176,9 @@ struct Writer {
     shutdown: Shutdown,
     budget: Arc<ByteBudget>,
     adopt_legacy_rows: bool,
-    /// Marks this writer dead for `/healthz` when the thread ends.
-    _alive: crate::health::Alive,
+    /// Marks this writer dead for `/healthz` when the thread ends; beats at every turn of its
+    /// loop, so that a writer stuck in one place stops the watchdog's pings.
+    alive: crate::health::Alive,
     batch_size: usize,
     linger: Duration,
     max_backoff: Duration,
@@ -184,8 +188,9 @@ impl Writer {
     fn run(self) {
         let mut batch: Vec<Work> = Vec::with_capacity(self.batch_size);
         loop {
-            self.halt.wait_until_running(&self.shutdown);
-            let Ok(first) = self.rx.recv() else { break };
+            self.alive.beat();
+            self.halt.wait_until_running(&self.shutdown, &|| self.alive.beat());
+            let Some(first) = self.next_record() else { break };
             batch.push(first);
             let deadline = Instant::now() + self.linger;
             while batch.len() < self.batch_size {
@@ -206,6 +211,18 @@ impl Writer {
             batch.clear();
         }
         log::debug!("writer drained and stopped");
+    }
+
+    /// Waits for the next record, beating while the channel stays empty (idle by design). `None`
+    /// once the channel is closed and drained.
+    fn next_record(&self) -> Option<Work> {
+        loop {
+            match self.rx.recv_timeout(IDLE_BEAT) {
+                Ok(work) => return Some(work),
+                Err(RecvTimeoutError::Timeout) => self.alive.beat(),
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
     }
 
     /// Brings every record of the batch to a durable end, or gives up at shutdown.
@@ -353,6 +370,7 @@ impl Writer {
     fn apply_until_done_with(&self, batch: &[Work], release: &[&str], guard: Guard) -> Result<BatchResult, Stop> {
         let mut backoff = Backoff::new(self.max_backoff);
         loop {
+            self.alive.beat();
             let result = self.try_apply(batch, release, guard);
             let label = match &result {
                 Ok(_) => "committed",
@@ -428,8 +446,9 @@ impl Writer {
     }
 
     /// Waits before the next attempt after a transient or systemic failure; a systemic one halts
-    /// the worker. Errs when shutdown comes first.
+    /// the worker. Errs when shutdown comes first. Retrying is waiting by design: it beats.
     fn wait_out(&self, error: &DbError, backoff: &mut Backoff, records: usize) -> Result<(), ()> {
+        self.alive.beat();
         let delay = backoff.next_delay();
         if error.is(ErrorClass::Systemic) {
             self.halt.enter_counted(self.number, error, &self.metrics);
