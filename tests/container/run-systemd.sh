@@ -4,7 +4,7 @@
 # real services, for the unit tests. It publishes nothing and reads no rows:
 # the caller does, between subcommands.
 #
-# Usage: tests/container/run-systemd.sh SUBCOMMAND
+# Usage: tests/container/run-systemd.sh SUBCOMMAND [ARGS]
 #
 #   up          podman run --systemd=always --privileged --cgroupns=private
 #               --network host SYSTEMD_IMAGE /sbin/init (--privileged: the
@@ -17,14 +17,36 @@
 #               METRICS_ADDR=127.0.0.1:<free port> filled in; runs
 #               systemd-analyze verify on the installed unit, daemon-reload
 #               and enable. Prints CONTAINER=, METRICS_ADDR=, UP_SECONDS=.
-#   start       systemctl start booking-worker; waits until it is active and
-#               /healthz answers 200, with WAIT_READY=1 /readyz too
-#               (START_TIMEOUT, default 90 s). Prints
+#   start       systemctl start booking-worker (Type=notify: it returns once
+#               the worker sent READY=1), watching the unit meanwhile; waits
+#               until it is active and /healthz answers 200, with
+#               WAIT_READY=1 /readyz too (START_TIMEOUT, default 90 s). Prints
 #               ACTIVE_STATE=, MAIN_PID=, MAIN_UID= (its effective uid: the
-#               dynamic user's), START_SECONDS=.
+#               dynamic user's), START_SECONDS=, STARTING_STATUS= (the
+#               first StatusText seen while the unit was activating, empty
+#               when none was seen), ACTIVE_AFTER_START= (ActiveState as
+#               soon as systemctl start returned), STATUS_TEXT=.
 #   status      systemctl show's ActiveState=, SubState=, Result=, MainPID=,
 #               ExecMainCode=, ExecMainStatus=, NRestarts= lines, as it
 #               prints them.
+#   state       what systemd knows of the worker: ACTIVE_STATE=, SUB_STATE=,
+#               RESULT=, MAIN_PID=, NRESTARTS=, STATUS_TEXT= (the worker's
+#               last STATUS=), TYPE=, NOTIFY_ACCESS=, WATCHDOG_USEC= (as
+#               systemctl prints it, e.g. 1min 30s).
+#   dropin NAME [SETTING...]
+#               writes the [Service] SETTINGs (e.g. WatchdogSec=10s) as the
+#               drop-in /etc/systemd/system/booking-worker.service.d/NAME.conf,
+#               or removes it when none is given; then daemon-reload. A
+#               running worker keeps its environment until it is started
+#               again.
+#   wait-restart
+#               (the service must be active) waits until systemd has
+#               restarted the worker by itself (a new main PID, active, and
+#               /healthz as for start; START_TIMEOUT counts from the call).
+#               Prints OLD_MAIN_PID=, MAIN_PID=, NRESTARTS=, SEEN_RESULT=
+#               (the first Result other than success seen meanwhile, e.g.
+#               watchdog), WATCHDOG_TIMEOUTS= (systemd's "Watchdog timeout"
+#               lines about the unit in the journal), RESTART_SECONDS=.
 #   main-pid    MAIN_PID= (0 when not running).
 #   kill9       kill -9 of the main PID; Restart=on-failure should start it
 #               again after RestartSec: waits until a new main PID is active
@@ -32,7 +54,7 @@
 #               NRESTARTS=, RESTART_SECONDS= (WAIT_READY as for start).
 #   stop        systemctl stop booking-worker. Prints RESULT=, EXEC_MAIN_CODE=
 #               (exited or killed), EXEC_MAIN_STATUS=, ACTIVE_STATE=,
-#               STOP_SECONDS=.
+#               STOP_SECONDS=, STATUS_TEXT= (what the worker said last).
 #   bad-config  (the service must not be active) DB_PORT=notaport in the
 #               environment file, start, watch it fail and stay failed for
 #               RestartSec + 5 s, then restore the file and reset-failed.
@@ -92,11 +114,13 @@ ENV_PATH="$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$UNIT_FILE" | head -n 1)"
 [[ -n "$EXEC_PATH" && -n "$ENV_PATH" ]] || die "no ExecStart= or EnvironmentFile= in $UNIT_FILE"
 
 usage() {
-    die "usage: tests/container/run-systemd.sh up|start|status|main-pid|kill9|stop|bad-config|journal|memorymax|down"
+    die "usage: tests/container/run-systemd.sh up|start|status|state|dropin NAME [SETTING...]|wait-restart|main-pid|kill9|stop|bad-config|journal|memorymax|down"
 }
 
-[[ $# -eq 1 ]] || usage
+[[ $# -ge 1 ]] || usage
 cmd="$1"
+shift
+[[ "$cmd" == dropin || $# -eq 0 ]] || usage
 require_podman
 
 in_ctr() {
@@ -241,13 +265,24 @@ wait_active() {
 
 cmd_start() {
     require_up
-    local t0
+    local t0 starter starting="" active_after
     t0="$(now)"
     log "systemctl start $UNIT"
-    in_ctr systemctl start "$UNIT" || {
+    # Type=notify: systemctl start returns once the worker sent READY=1. Meanwhile the unit is
+    # activating, and its StatusText says what the worker is waiting for.
+    in_ctr systemctl start "$UNIT" &
+    starter=$!
+    while kill -0 "$starter" 2>/dev/null; do
+        if [[ -z "$starting" && "$(prop ActiveState)" == activating ]]; then
+            starting="$(prop StatusText)"
+        fi
+        sleep 0.1
+    done
+    wait "$starter" || {
         journal_tail
         die "systemctl start $UNIT failed"
     }
+    active_after="$(prop ActiveState)"
     wait_active "$t0"
     local pid
     pid="$(prop MainPID)"
@@ -256,6 +291,68 @@ cmd_start() {
     # DynamicUser=yes: a uid systemd allocates (61184-65519), not root.
     echo "MAIN_UID=$(in_ctr cat "/proc/$pid/status" | awk '$1 == "Uid:" { print $3 }')"
     echo "START_SECONDS=$(elapsed "$t0")"
+    echo "STARTING_STATUS=$starting"
+    echo "ACTIVE_AFTER_START=$active_after"
+    echo "STATUS_TEXT=$(prop StatusText)"
+}
+
+cmd_state() {
+    require_up
+    echo "ACTIVE_STATE=$(prop ActiveState)"
+    echo "SUB_STATE=$(prop SubState)"
+    echo "RESULT=$(prop Result)"
+    echo "MAIN_PID=$(prop MainPID)"
+    echo "NRESTARTS=$(prop NRestarts)"
+    echo "STATUS_TEXT=$(prop StatusText)"
+    echo "TYPE=$(prop Type)"
+    echo "NOTIFY_ACCESS=$(prop NotifyAccess)"
+    echo "WATCHDOG_USEC=$(prop WatchdogUSec)"
+}
+
+# cmd_dropin NAME [SETTING...]
+cmd_dropin() {
+    require_up
+    [[ "${1:-}" =~ ^[a-z0-9-]+$ ]] || usage
+    local dir="/etc/systemd/system/$UNIT.d" name="$1"
+    shift
+    if [[ $# -eq 0 ]]; then
+        in_ctr rm -f "$dir/$name.conf"
+        log "removed the drop-in $dir/$name.conf"
+    else
+        in_ctr mkdir -p "$dir"
+        printf '[Service]\n' | podman exec --interactive "$CONTAINER" sh -c "cat > $dir/$name.conf"
+        printf '%s\n' "$@" | podman exec --interactive "$CONTAINER" sh -c "cat >> $dir/$name.conf"
+        log "drop-in $dir/$name.conf: $*"
+    fi
+    in_ctr systemctl daemon-reload
+}
+
+cmd_wait_restart() {
+    require_up
+    local old t0 result seen="" addr
+    old="$(prop MainPID)"
+    [[ "$old" =~ ^[1-9][0-9]*$ ]] || die "$UNIT has no main PID (start it first)"
+    addr="$(metrics_addr)"
+    t0="$(now)"
+    log "waiting for systemd to restart $UNIT (main PID $old)"
+    while :; do
+        result="$(prop Result)"
+        [[ -n "$seen" || "$result" == success ]] || seen="$result"
+        if [[ "$(prop MainPID)" != "$old" && "$(prop ActiveState)" == active && "$(worker_status "$addr")" == 200 ]]; then
+            break
+        fi
+        if past "$t0" "$START_TIMEOUT"; then
+            journal_tail
+            die "$UNIT not restarted within ${START_TIMEOUT}s (state $(prop ActiveState), result $result)"
+        fi
+        sleep 0.2
+    done
+    echo "OLD_MAIN_PID=$old"
+    echo "MAIN_PID=$(prop MainPID)"
+    echo "NRESTARTS=$(prop NRestarts)"
+    echo "SEEN_RESULT=$seen"
+    echo "WATCHDOG_TIMEOUTS=$(in_ctr journalctl --unit "$UNIT" --no-pager -o cat | grep -c 'Watchdog timeout' || true)"
+    echo "RESTART_SECONDS=$(elapsed "$t0")"
 }
 
 cmd_kill9() {
@@ -290,6 +387,7 @@ cmd_stop() {
     echo "EXEC_MAIN_STATUS=$(prop ExecMainStatus)"
     echo "ACTIVE_STATE=$(prop ActiveState)"
     echo "STOP_SECONDS=$(elapsed "$t0")"
+    echo "STATUS_TEXT=$(prop StatusText)"
 }
 
 # Seconds of the unit's RestartSec (systemctl prints e.g. 5s or 1min 30s).
@@ -410,6 +508,9 @@ cmd_memorymax() {
 case "$cmd" in
     up) cmd_up ;;
     start) cmd_start ;;
+    state) cmd_state ;;
+    dropin) cmd_dropin "$@" ;;
+    wait-restart) cmd_wait_restart ;;
     status)
         require_up
         in_ctr systemctl show --property ActiveState --property SubState --property Result \
