@@ -31,8 +31,10 @@
 #               prints them.
 #   state       what systemd knows of the worker: ACTIVE_STATE=, SUB_STATE=,
 #               RESULT=, MAIN_PID=, NRESTARTS=, STATUS_TEXT= (the worker's
-#               last STATUS=), TYPE=, NOTIFY_ACCESS=, WATCHDOG_USEC= (as
-#               systemctl prints it, e.g. 1min 30s).
+#               last STATUS=), TYPE=, NOTIFY_ACCESS=, WATCHDOG_SEC= (the
+#               last WatchdogSec= of the unit and its drop-ins, as written),
+#               WATCHDOG_USEC= (the watchdog of the running worker as
+#               systemctl prints it, e.g. 1min 30s; infinity when stopped).
 #   dropin NAME [SETTING...]
 #               writes the [Service] SETTINGs (e.g. WatchdogSec=10s) as the
 #               drop-in /etc/systemd/system/booking-worker.service.d/NAME.conf,
@@ -306,6 +308,7 @@ cmd_state() {
     echo "STATUS_TEXT=$(prop StatusText)"
     echo "TYPE=$(prop Type)"
     echo "NOTIFY_ACCESS=$(prop NotifyAccess)"
+    echo "WATCHDOG_SEC=$(in_ctr systemctl cat "$UNIT" | sed -n 's/^WatchdogSec=//p' | tail -n 1)"
     echo "WATCHDOG_USEC=$(prop WatchdogUSec)"
 }
 
