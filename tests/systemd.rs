@@ -135,6 +135,7 @@ fn the_unit_runs_the_worker_under_systemd() {
             .0
     };
     run(&["down"]);
+    let _down = Down(&env);
     let up = run(&["up"]);
 
     let unit = run(&["state"]);
@@ -204,6 +205,15 @@ fn the_unit_runs_the_worker_under_systemd() {
     );
     run(&["down"]);
     every_booking_once(&s, 60);
+}
+
+/// Removes the container when the test ends, also when it fails.
+struct Down<'a>(&'a [(String, String)]);
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| script("tests/container/run-systemd.sh", &["down"], self.0));
+    }
 }
 
 /// Every published booking is in the table exactly once: none lost, none doubled.
