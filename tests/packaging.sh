@@ -18,7 +18,11 @@
 #               .dockerignore, which leaves out target/ and .git
 #   deadlines   the unit's TimeoutStopSec and okteto.yml's
 #               terminationGracePeriodSeconds above the SHUTDOWN_TIMEOUT_SECS
-#               default (README, scripts/booking-worker.env)
+#               default (README, scripts/booking-worker.env); the unit's
+#               WatchdogSec above the longest silence of a thread at the
+#               README's defaults (a pool wait, a statement timeout and a
+#               backoff step; a rebalance drain), and its TimeoutStartSec
+#               above KAFKA_TOPIC_WAIT_SECS
 #   env file    scripts/booking-worker.env names every variable of the
 #               README's Configuration table
 #   okteto.yml  every image built from the repository's Dockerfile
@@ -274,6 +278,33 @@ def seconds(span):
         return None
     return sum(float(n) * units[u] for n, u in parts)
 
+def unit_setting(name):
+    # The last value of a setting of the unit, in seconds, and as written; (None, "(none)") when absent.
+    spans = re.findall(r"^\s*%s=(.*?)\s*$" % name, read("scripts/booking-worker.service"), re.M)
+    return (seconds(spans[-1]), spans[-1]) if spans else (None, "(none)")
+
+def check_unit_timeouts(table):
+    def default(name, scale):
+        value = table.get(name, "")
+        return int(value) * scale if value.isdigit() else None
+    parts = [default("DB_CONNECT_TIMEOUT_SECS", 1), default("DB_STATEMENT_TIMEOUT_MS", 1e-3),
+             default("RETRY_MAX_BACKOFF_MS", 1e-3)]
+    drain = default("REBALANCE_DRAIN_TIMEOUT_SECS", 1)
+    silence = max(sum(parts), drain) if None not in parts and drain is not None else None
+    watchdog, written = unit_setting("WatchdogSec")
+    say(silence and watchdog and watchdog > silence,
+        "scripts/booking-worker.service: WatchdogSec=%s is above the longest silence of a thread (%gs)"
+        % (written, silence or 0),
+        "systemd would restart a worker that only waits; raise WatchdogSec with those settings" if silence
+        else "no numeric default of DB_CONNECT_TIMEOUT_SECS, DB_STATEMENT_TIMEOUT_MS, RETRY_MAX_BACKOFF_MS "
+        "or REBALANCE_DRAIN_TIMEOUT_SECS in the README's Configuration table")
+    topics = default("KAFKA_TOPIC_WAIT_SECS", 1)
+    start, written = unit_setting("TimeoutStartSec")
+    say(topics and start and start > topics,
+        "scripts/booking-worker.service: TimeoutStartSec=%s is above KAFKA_TOPIC_WAIT_SECS (%ss)" % (written, topics),
+        "systemd would stop a start that still waits for the topics" if topics
+        else "no numeric KAFKA_TOPIC_WAIT_SECS default in the README's Configuration table")
+
 def check_unit_and_env(table, env, deadline):
     spans = re.findall(r"^\s*TimeoutStopSec=(.*?)\s*$", read("scripts/booking-worker.service"), re.M)
     secs = seconds(spans[-1]) if spans else None
@@ -340,6 +371,7 @@ deadline = max([int(default)] + [int(v) for v in re.findall(r"^#?SHUTDOWN_TIMEOU
     if default.isdigit() else None
 check_dockerfile()
 check_unit_and_env(table, env, deadline)
+check_unit_timeouts(table)
 check_okteto("scripts/okteto.yml", sys.argv[1], deadline)
 PYEOF
 
