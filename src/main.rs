@@ -225,7 +225,7 @@ fn run(config: Config) -> ExitCode {
     let watch_shutdown = shutdown.clone();
     let watch_finished = finished.clone();
     let watchdog = std::thread::Builder::new()
-        .name("shutdown-deadline".into())
+        .name("shutdown-timer".into())
         .spawn(move || {
             while !watch_shutdown.sleep(Duration::from_secs(3600)) {}
             if !watch_finished.sleep(deadline) {
