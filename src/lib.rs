@@ -36,6 +36,8 @@ pub mod halt;
 
 pub mod health;
 
+pub mod readiness;
+
 pub mod repository;
 
 // The stages, in the data's order: handlers, writers, the consumer; and the HTTP endpoint.

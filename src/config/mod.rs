@@ -149,6 +149,9 @@ pub struct KafkaConfig {
     pub allow_auto_create_topics: bool,
     /// The consumer group protocol.
     pub group_protocol: GroupProtocol,
+    /// How long without an answer from any broker makes the worker not ready; `None` when the
+    /// client's statistics, which tell it, are turned off.
+    pub unreachable_ready_after: Option<Duration>,
 }
 
 /// Properties of the classic group protocol that librdkafka refuses under KIP-848's.
@@ -399,7 +402,13 @@ fn kafka_config(s: &Settings, properties: Vec<(String, String)>) -> Result<Kafka
             ));
         }
     }
+    let statistics_on = properties
+        .iter()
+        .rev()
+        .find(|(n, _)| n == "statistics.interval.ms")
+        .is_some_and(|(_, v)| v.trim() != "0");
     Ok(KafkaConfig {
+        unreachable_ready_after: statistics_on.then(|| Duration::from_secs(s.kafka_unreachable_ready_secs)),
         brokers: s.kafka_brokers.clone(),
         group_id: s.kafka_group_id.clone(),
         booking_topic: s.kafka_booking_topic.clone(),
@@ -531,6 +540,17 @@ mod tests {
         assert_eq!(c.database.sslmode, SslMode::Prefer);
         assert_eq!(c.metrics_addr, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(c.stats_log_interval, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn kafka_counts_as_unreachable_only_while_its_statistics_tell() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.kafka.unreachable_ready_after, Some(Duration::from_secs(60)));
+        let c = Config::from_vars(&vars(&[("KAFKA_UNREACHABLE_READY_SECS", "5")])).unwrap();
+        assert_eq!(c.kafka.unreachable_ready_after, Some(Duration::from_secs(5)));
+        let c = Config::from_vars(&vars(&[("KAFKA_STATS_INTERVAL_MS", "0")])).unwrap();
+        assert_eq!(c.kafka.unreachable_ready_after, None);
+        assert!(Config::from_vars(&vars(&[("KAFKA_UNREACHABLE_READY_SECS", "0")])).is_err());
     }
 
     #[test]
