@@ -7,6 +7,8 @@
 // The ground everything stands on: configuration, logs, memory, the shutdown latch.
 pub mod config;
 
+pub mod exit;
+
 pub mod logger;
 
 pub mod allocator;

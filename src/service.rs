@@ -4,6 +4,7 @@
 
 use crate::config::{Config, DatabaseConfig, MigrateMode};
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
+use crate::exit::ExitStatus;
 use crate::halt::{self, Halt};
 use crate::health::{Assignment, Health};
 use crate::metrics::Metrics;
@@ -39,14 +40,14 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// The process exit code for this failure (documented in the README).
-    pub fn exit_code(&self) -> u8 {
+    /// How the process ends for this failure.
+    pub fn exit_status(&self) -> ExitStatus {
         match self {
-            RunError::Database(_) => 3,
-            RunError::Kafka(_) => 4,
-            RunError::TopicsMissing(_) => 5,
-            RunError::MigrationPending { .. } => 7,
-            RunError::Thread(_) | RunError::Http { .. } => 1,
+            RunError::Database(_) => ExitStatus::Database,
+            RunError::Kafka(_) => ExitStatus::Kafka,
+            RunError::TopicsMissing(_) => ExitStatus::TopicsMissing,
+            RunError::MigrationPending { .. } => ExitStatus::MigrationRefused,
+            RunError::Thread(_) | RunError::Http { .. } => ExitStatus::Failure,
         }
     }
 }

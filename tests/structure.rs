@@ -1,6 +1,7 @@
 //! The shape of `src/`, checked without services: its modules form layers (each uses only those
 //! that `src/lib.rs` declares above it, so there is no import cycle), every file opens with a
-//! `//!` line saying what it is for, and every function fits on a screen.
+//! `//!` line saying what it is for, and every function fits on a screen; and the README's tables
+//! name what the code declares.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -252,4 +253,27 @@ fn the_function_lengths_are_measured() {
                 pub(super) fn c() {\n}\npub(in crate::x) unsafe fn d() {\n}\n";
     let names = |f: Vec<(String, usize)>| f.into_iter().map(|(n, l)| format!("{n}:{l}")).collect::<Vec<_>>();
     assert_eq!(names(functions(text)), ["a:3", "b:6", "c:2", "d:2"]);
+}
+
+/// The rows of the README's table whose header line is `header`: each row's cells.
+fn readme_table(header: &str) -> Vec<Vec<String>> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut lines = readme.lines().skip_while(|l| l.trim() != header);
+    assert!(lines.next().is_some(), "the README has no table headed {header}");
+    lines
+        .skip(1) // the | --- | line
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split(" | ").map(|c| c.trim().to_string()).collect())
+        .collect()
+}
+
+#[test]
+fn the_readme_lists_every_exit_code_the_code_declares_and_no_other() {
+    use booking_worker::exit::ExitStatus;
+    let documented: Vec<u8> = readme_table("| code | meaning |")
+        .iter()
+        .map(|row| row[0].parse().unwrap_or_else(|_| panic!("not a code: {row:?}")))
+        .collect();
+    let declared: Vec<u8> = ExitStatus::ALL.iter().map(|s| s.code()).collect();
+    assert_eq!(documented, declared, "the README's exit codes, in order");
 }
