@@ -7,8 +7,8 @@
 //! from memory only: readiness comes from [`crate::readiness`], whose probe asks the database on
 //! its own thread, so no request waits for the database or the broker. [`HTTP_THREADS`] named
 //! threads (`http-1`, …) take connections from one listening socket, and each connection has one
-//! deadline, so a slow or stalled client holds one thread for at most [`CLIENT_TIMEOUT`] and the
-//! others keep answering.
+//! deadline (`CLIENT_TIMEOUT`), so a slow or stalled client holds one thread at most that long and
+//! the others keep answering.
 
 use crate::health::Health;
 use crate::metrics::Metrics;
