@@ -1,6 +1,13 @@
 //! The worker's configuration: the settings as declared in [`settings`] (read through clap from
-//! the environment, with the Go worker's names and defaults) and the `KAFKA_PROP_*` pass-through,
-//! checked together into a [`Config`]. Every refused value names its variable and what it accepts.
+//! the environment or the flags, with the Go worker's names and defaults) and the `KAFKA_PROP_*`
+//! pass-through, checked together into a [`Config`]. Every refused value names its variable and what
+//! it accepts.
+//!
+//! The finer rules (the README's Configuration section gives the rest):
+//! - an empty variable means its default, except `DB_PASSWORD`, where it is an empty password;
+//! - values are trimmed, except `DB_PASSWORD` and `DB_SSLROOTCERT`;
+//! - a value that is not UTF-8 is refused like any bad value;
+//! - the password is never logged, and `--help` shows no variable's current value.
 
 pub mod settings;
 
