@@ -80,7 +80,7 @@
 //!   parameterized.
 //! - **Only `main` exits the process**, and it holds none of the worker's logic.
 //!
-//! # The modules the README's diagram names, in more detail
+//! # The stages, module by module
 //!
 //! ## kafka
 //!
