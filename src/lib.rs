@@ -46,9 +46,9 @@
 //!   inserted `ON CONFLICT (external_id) DO NOTHING`; dead letters and parked cancellations are kept
 //!   by topic, partition and offset (`handlers`, `repository`).
 //! - **A record is never dropped silently.** Every consumed record reaches exactly one end, logged
-//!   with an `end` field: created, adopted, duplicate, cancelled, already cancelled, parked,
-//!   already dead-lettered, or dead-lettered with a reason (`models`). No bad record stops the
-//!   worker (`handlers`, `writer`).
+//!   with an `end` field: `created`, `adopted`, `duplicate`, `cancelled`, `already_cancelled`,
+//!   `parked`, `already_dead_lettered`, or `dead_lettered` with a reason (`pipeline`). No bad
+//!   record stops the worker (`handlers`, `writer`).
 //! - **A record already dead-lettered never applies on a replay of the log**; only
 //!   `booking-worker dead-letters replay` applies it (`handlers`).
 //! - **A transient database failure never advances an offset.** It is retried with capped, jittered
