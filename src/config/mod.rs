@@ -1,6 +1,19 @@
 //! The worker's configuration: the settings as declared in [`settings`] (read through clap from
-//! the environment, with the Go worker's names and defaults) and the `KAFKA_PROP_*` pass-through,
-//! checked together into a [`Config`]. Every refused value names its variable and what it accepts.
+//! the environment or the flags, with the Go worker's names and defaults) and the
+//! `KAFKA_PROP_*` pass-through, checked together into a [`Config`]. Every refused value names its
+//! variable and what it accepts.
+//!
+//! The finer rules (the README's Configuration section gives the rest):
+//! - an empty variable means its default, except `DB_PASSWORD`, where it is an empty password;
+//! - values are trimmed, except `DB_PASSWORD` and `DB_SSLROOTCERT`;
+//! - a value that is not UTF-8 is refused like any bad value;
+//! - the password is never logged, and `--help` shows no variable's current value.
+//!
+//! The librdkafka properties set here: those of the `KAFKA_*` settings, `queued.min.messages`
+//! 1000 (a partition is fetched again before its queue runs dry), and `receive.message.max.bytes`
+//! of at least 32 MiB, since librdkafka also caps a decompressed record batch with it (a 3 MiB
+//! record, compressed by its producer, would otherwise stall its partition for good). The
+//! `KAFKA_PROP_*` pass-through comes after them and replaces them.
 
 pub mod settings;
 
