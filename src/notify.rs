@@ -22,8 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The readiness verdict as `/readyz` gives it: `Ok` (with a note, perhaps) when ready, `Err` with
-/// the reason when not. The notifier asks it once per turn until the worker is ready, so it must
-/// answer promptly.
+/// the reason when not. The notifier asks it at every turn, so it must answer from memory
+/// ([`crate::readiness::Readiness::check`] does): a verdict that waited for the database would
+/// hold up the watchdog's pings.
 pub type ReadinessVerdict = Box<dyn Fn() -> Result<Option<String>, String> + Send>;
 
 /// How often the notifier looks at the worker's state.
@@ -94,24 +95,32 @@ fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Opt
 /// What the worker is doing, as its status line says it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
-    /// Not ready yet, and why.
+    /// Not ready yet since the start, and why.
     Starting(String),
     /// A systemic database error holds every writer.
     Halted(Cause),
     /// Ready, holding this many partitions.
     Consuming(i64),
+    /// Was ready, is not now (the database does not answer, no broker has, a rebalance), and why.
+    NotReady(String),
     /// Shutdown: the writers drain and the offsets are committed.
     Draining,
 }
 
 impl Phase {
-    /// The phase from the halt, the readiness verdict (asked only until the worker was ready
-    /// once) and the partitions held.
-    pub fn of(halt: Option<Cause>, verdict: Option<&Result<Option<String>, String>>, partitions: i64) -> Phase {
+    /// The phase from the halt, the readiness verdict, whether the worker was ready before, and
+    /// the partitions held.
+    pub fn of(
+        halt: Option<Cause>,
+        verdict: &Result<Option<String>, String>,
+        was_ready: bool,
+        partitions: i64,
+    ) -> Phase {
         match (halt, verdict) {
             (Some(cause), _) => Phase::Halted(cause),
-            (None, Some(Err(reason))) => Phase::Starting(reason.clone()),
-            (None, _) => Phase::Consuming(partitions),
+            (None, Err(reason)) if was_ready => Phase::NotReady(reason.clone()),
+            (None, Err(reason)) => Phase::Starting(reason.clone()),
+            (None, Ok(_)) => Phase::Consuming(partitions),
         }
     }
 
@@ -119,6 +128,7 @@ impl Phase {
     pub fn status(&self) -> String {
         let text = match self {
             Phase::Starting(reason) => format!("starting: {reason}"),
+            Phase::NotReady(reason) => format!("not ready: {reason}"),
             Phase::Halted(cause) => format!("{} ({})", cause.reason(), remedy(cause.sqlstate.as_deref())),
             Phase::Consuming(0) => "consuming nothing: no partition assigned to this instance".to_string(),
             Phase::Consuming(1) => "consuming 1 partition".to_string(),
@@ -191,14 +201,15 @@ impl Notifier {
 
     /// Sends `READY=1` the first time the worker is ready, and the status line when it changed.
     fn report(&mut self) {
-        let verdict = (!self.ready).then(|| (self.sources.readiness)());
+        let verdict = (self.sources.readiness)();
         let phase = Phase::of(
             self.sources.halt.cause(),
-            verdict.as_ref(),
+            &verdict,
+            self.ready,
             self.sources.metrics.assigned(),
         );
         let mut lines = Vec::new();
-        if verdict.as_ref().is_some_and(Result::is_ok) {
+        if verdict.is_ok() && !self.ready {
             self.ready = true;
             lines.push("READY=1".to_string());
         }
@@ -260,15 +271,21 @@ mod tests {
     fn the_status_line_says_what_the_worker_is_doing() {
         let not_ready: Result<Option<String>, String> = Err("database: connection refused".into());
         let ready: Result<Option<String>, String> = Ok(None);
-        let starting = Phase::of(None, Some(&not_ready), 0);
+        let starting = Phase::of(None, &not_ready, false, 0);
         assert_eq!(starting.status(), "starting: database: connection refused");
-        assert_eq!(Phase::of(None, Some(&ready), 8).status(), "consuming 8 partitions");
-        assert_eq!(Phase::of(None, None, 1).status(), "consuming 1 partition");
         assert_eq!(
-            Phase::of(None, None, 0).status(),
+            Phase::of(None, &not_ready, true, 8).status(),
+            "not ready: database: connection refused"
+        );
+        assert_eq!(Phase::of(None, &ready, false, 8).status(), "consuming 8 partitions");
+        assert_eq!(Phase::of(None, &ready, true, 1).status(), "consuming 1 partition");
+        let alone = Ok(Some("no partition assigned".to_string()));
+        assert_eq!(
+            Phase::of(None, &alone, true, 0).status(),
             "consuming nothing: no partition assigned to this instance"
         );
-        let halted = Phase::of(Some(cause("42501", "permission denied\nfor table bookings")), None, 8);
+        let halt = || Some(cause("42501", "permission denied\nfor table bookings"));
+        let halted = Phase::of(halt(), &Err("halted".into()), true, 8);
         assert_eq!(
             halted.status(),
             format!(
@@ -281,7 +298,12 @@ mod tests {
             "{}",
             halted.status()
         );
-        let halted_at_start = Phase::of(Some(cause("42501", "denied")), Some(&not_ready), 0);
+        assert_eq!(
+            Phase::of(halt(), &not_ready, false, 0).status(),
+            halted.status(),
+            "the halt is named first"
+        );
+        let halted_at_start = Phase::of(Some(cause("42501", "denied")), &not_ready, false, 0);
         assert!(halted_at_start.status().starts_with("halted: SQLSTATE 42501: denied ("));
         assert_eq!(Phase::Draining.status(), "draining: shutting down");
     }
@@ -388,6 +410,17 @@ mod tests {
         );
         halt.leave(1);
         assert_eq!(listener.next().unwrap(), "STATUS=consuming 4 partitions");
+        ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            listener.next().unwrap(),
+            "STATUS=not ready: the consumer holds no assignment yet"
+        );
+        ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            listener.next().unwrap(),
+            "STATUS=consuming 4 partitions",
+            "READY=1 only once"
+        );
         shutdown.trigger();
         assert_eq!(listener.next().unwrap(), "STOPPING=1\nSTATUS=draining: shutting down");
         handle.join().unwrap();
