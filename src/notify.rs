@@ -1,7 +1,7 @@
 //! The service manager's notifications (systemd's `sd_notify` protocol): `READY=1` once the worker
 //! is ready as `/readyz` means it, a `STATUS=` line whenever what it is doing changes (starting,
-//! consuming, halted and why, draining), `STOPPING=1` at shutdown, and `WATCHDOG=1` pings only
-//! while every beating thread of the pipeline goes round its loop.
+//! consuming, halted and why, not ready and why, draining), `STOPPING=1` at shutdown, and
+//! `WATCHDOG=1` pings only while every beating thread of the pipeline goes round its loop.
 //!
 //! The protocol is a datagram of `KEY=value` lines to the Unix socket named by `NOTIFY_SOCKET` (a
 //! path, or an abstract name written with a leading `@`); std's `UnixDatagram` sends it, no
@@ -185,7 +185,6 @@ struct Notifier {
 impl Notifier {
     fn run(mut self, shutdown: &Shutdown) {
         log::debug!(watchdog_ms = self.watchdog.map(|w| w.as_millis() as u64); "notifying the service manager");
-        self.send(vec!["STATUS=starting: connecting to the database".to_string()]);
         loop {
             self.report();
             self.watch();
@@ -230,7 +229,7 @@ impl Notifier {
         match self.sources.health.stalled(interval) {
             Some(why) => {
                 if self.stalled.is_none() {
-                    log::error!(thread = why.as_str(), watchdog_secs = interval.as_secs();
+                    log::error!(stalled = why.as_str(), watchdog_secs = interval.as_secs();
                         "a thread of the pipeline is stuck; watchdog pings stopped, the service manager restarts the worker");
                 }
                 self.stalled = Some(why);
@@ -390,7 +389,6 @@ mod tests {
         let socket = Socket::at(listener.path.as_os_str()).unwrap();
         let handle = spawn_on(socket, None, sources(Arc::clone(&halt), verdict), shutdown.clone()).unwrap();
         assert_eq!(handle.thread().name(), Some("sd-notify"));
-        assert_eq!(listener.next().unwrap(), "STATUS=starting: connecting to the database");
         assert_eq!(
             listener.next().unwrap(),
             "STATUS=starting: the consumer holds no assignment yet"
