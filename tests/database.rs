@@ -8,7 +8,7 @@ mod common;
 
 use booking_worker::config::Config;
 use booking_worker::database::{ErrorClass, Pool};
-use common::{booking_json, http_get, metric_sum, parse_prometheus, unique, wait_for, Setup, TestDb, WAIT};
+use common::{booking_json, http_get, metric_sum, parse_prometheus, wait_for, worker_role, Setup, TestDb, WAIT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::process::Command;
@@ -51,27 +51,6 @@ fn readyz(worker: &common::WorkerProcess) -> (u16, String) {
 fn metric(worker: &common::WorkerProcess, name: &str) -> f64 {
     let (_, body) = http_get(&worker.metrics_addr, "/metrics").expect("metrics");
     metric_sum(&parse_prometheus(&body), name, &[])
-}
-
-/// A login role with exactly the rights the worker needs at run time.
-fn worker_role(db: &TestDb) -> (String, String) {
-    let role = unique("bw_role").to_lowercase();
-    let password = "worker-pw".to_string();
-    db.exec(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD '{password}';
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT ON users, rooms TO {role};
-         GRANT SELECT, INSERT, UPDATE ON bookings TO {role};
-         GRANT USAGE ON SEQUENCE bookings_id_seq TO {role};
-         DO $$ BEGIN
-           IF to_regnamespace('booking_worker') IS NOT NULL THEN
-             EXECUTE 'GRANT USAGE ON SCHEMA booking_worker TO {role}';
-             EXECUTE 'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA booking_worker TO {role}';
-             EXECUTE 'GRANT USAGE ON ALL SEQUENCES IN SCHEMA booking_worker TO {role}';
-           END IF;
-         END $$;"
-    ));
-    (role, password)
 }
 
 /// Produces bookings `prefix0..prefix{n}` for `owner` in `room`.

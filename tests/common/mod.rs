@@ -272,6 +272,27 @@ impl Drop for TestDb {
     }
 }
 
+/// A login role with exactly the rights the worker needs at run time.
+pub fn worker_role(db: &TestDb) -> (String, String) {
+    let role = unique("bw_role").to_lowercase();
+    let password = "worker-pw".to_string();
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+         GRANT USAGE ON SCHEMA public TO {role};
+         GRANT SELECT ON users, rooms TO {role};
+         GRANT SELECT, INSERT, UPDATE ON bookings TO {role};
+         GRANT USAGE ON SEQUENCE bookings_id_seq TO {role};
+         DO $$ BEGIN
+           IF to_regnamespace('booking_worker') IS NOT NULL THEN
+             EXECUTE 'GRANT USAGE ON SCHEMA booking_worker TO {role}';
+             EXECUTE 'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA booking_worker TO {role}';
+             EXECUTE 'GRANT USAGE ON ALL SEQUENCES IN SCHEMA booking_worker TO {role}';
+           END IF;
+         END $$;"
+    ));
+    (role, password)
+}
+
 impl Services {
     pub fn url(&self, db: &str) -> String {
         format!(
