@@ -244,7 +244,7 @@ fn a_malformed_record_fires_the_dead_letters_alert_and_every_panel_evaluates() {
     assert_eq!(worker.terminate(WAIT), 0);
 }
 
-/// Every query of the dashboard, its variables substituted as Grafana would for this worker.
+/// A panel of the dashboard: its title and its PromQL queries as written.
 struct Panel {
     title: String,
     exprs: Vec<String>,
