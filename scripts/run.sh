@@ -8,7 +8,8 @@
 # PostgreSQL  the DB_* server if the login works; otherwise a throwaway cluster
 #             from scripts/postgres.sh, loaded with sql/schema.sql and the
 #             sample data in sql/seed.sql.
-# The worker is built in release mode and runs until Ctrl-C; the services this
+# The worker is built in release mode and runs until Ctrl-C or SIGTERM (either
+# is passed on to it once, and it drains as under systemd); the services this
 # script started are stopped when it exits. Exit code: the worker's.
 
 set -euo pipefail
@@ -37,9 +38,21 @@ fi
 cd "$ROOT_DIR"
 log "building the release binary"
 cargo build --release --locked --bin booking-worker
-log "booking-worker running; Ctrl-C stops it and the services started here"
-set +e
-./target/release/booking-worker "$@"
-rc=$?
-set -e
+log "booking-worker running; Ctrl-C or SIGTERM stops it and the services started here"
+# bash runs a trap only once its foreground child has exited, so the worker runs in the
+# background, in a process group of its own (set -m): a terminal's Ctrl-C reaches this script
+# alone, and the traps below pass each signal on to the worker exactly once (a second one would
+# make it exit at once). `wait` returns early when a trapped signal arrives; the loop waits on
+# until the worker has drained and exited.
+set -m
+./target/release/booking-worker "$@" &
+worker=$!
+set +m
+trap 'kill -INT "$worker" 2>/dev/null || true' INT
+trap 'kill -TERM "$worker" 2>/dev/null || true' TERM
+rc=0
+while :; do
+    wait "$worker" && rc=0 || rc=$?
+    kill -0 "$worker" 2>/dev/null || break
+done
 exit "$rc"

@@ -14,17 +14,7 @@ use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::{Duration, Instant};
 
-/// What a command reports to the shell. The codes are documented in the README.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    Ok = 0,
-    Failure = 1,
-    Database = 3,
-    Kafka = 4,
-    TopicsMissing = 5,
-    StillFailing = 6,
-    MigrationRefused = 7,
-}
+pub use crate::exit::ExitStatus;
 
 /// `check`: the configuration is valid (it was parsed), the database answers and has
 /// booking-management's tables, the broker answers, and the topics exist. Logs one line per check

@@ -2,10 +2,48 @@
 //! `r2d2_postgres`) and the database error, classified by SQLSTATE into the three classes that
 //! decide what the worker does: retry, halt, or dead-letter the record.
 //!
-//! The `postgres` client drives `tokio-postgres` on a private current-thread runtime inside each
-//! connection; the worker's own code stays blocking. Every connection carries the session
-//! timeouts as startup options, so no extra round trip is paid for them, and the session's
-//! `TimeZone` is left as the server sets it.
+//! # The client
+//!
+//! The `postgres` crate exposes the SQLSTATE of every error the server sends
+//! (`Error::as_db_error()`), and the worker decides what to do by that code alone. The text of a
+//! server message is never read: it follows the server's `lc_messages`. libpq is not used, at build
+//! time or at run time; TLS comes from `postgres-openssl` over the system OpenSSL, which Kafka links
+//! already.
+//!
+//! The client drives `tokio-postgres` on a private current-thread runtime inside each connection. It
+//! runs on the thread that calls the client, so it starts no threads; the worker's own code stays
+//! blocking. Every connection:
+//! - carries the session timeouts (`DB_STATEMENT_TIMEOUT_MS`, `DB_LOCK_TIMEOUT_MS`,
+//!   `DB_IDLE_IN_TRANSACTION_TIMEOUT_MS`) as startup options, so they cost no round trip, and a lock
+//!   held by booking-management surfaces as a retried error, never as a hung writer;
+//! - has TCP keepalives and a 30 s TCP user timeout, so a vanished database surfaces as an error;
+//! - shows as `booking-worker` in `pg_stat_activity`;
+//! - leaves the session's `TimeZone` as the server sets it.
+//!
+//! The pool opens connections on demand (none idle at start), up to `DB_POOL_SIZE`, and closes one
+//! idle for 5 minutes.
+//!
+//! # Database errors
+//!
+//! Each SQLSTATE falls in one of three classes. A code not listed here is systemic: halting is safe,
+//! while dead-lettering would move an offset past a record nobody looked at.
+//!
+//! | class | SQLSTATE | what the worker does |
+//! | --- | --- | --- |
+//! | transient: clears up by itself | `08` connection exception; `40` transaction rollback except `40002` (`40001` serialization failure, `40P01` deadlock, `40003` completion unknown); `55P03` lock not available, `55006` object in use; `57` operator intervention except `57P04` (`57014` statement timeout or cancel, `57P01` to `57P03` shutdown or cannot connect now, `57P05` idle session timeout); `53300` too many connections; `25006` read-only transaction (a standby after a failover), `25P03` idle-in-transaction timeout and `25P04` transaction timeout (the other `25` codes are systemic); `72` snapshot too old. Without a SQLSTATE: a closed connection or an I/O error | retries the same batch with capped exponential backoff and jitter (from 50 ms, doubling up to `RETRY_MAX_BACKOFF_MS`), forever, with a warn line per attempt; no offset moves |
+//! | systemic: the database or its schema is not what the worker needs | every other code, among them `42` (`42P01`, `42703`, `42883` undefined table, column or function; `42501` insufficient privilege; `42601` syntax error), `3D000` database missing, `3F000` schema missing, `28` authentication, `53100` disk full, `53200` out of memory, `53400` configuration limit exceeded, `57P04` database dropped, `58` system error, `XX` internal error, `0A` feature not supported. Without a SQLSTATE: a value of a type the worker does not expect, a refused TLS certificate | halts: never dead-letters, never moves an offset |
+//! | record: this record's values | `22` data exception (`22001` value too long, `22003` out of range, `22007`/`22008` invalid date or time); `23` integrity constraint violation (`23502` not null, `23503` foreign key, `23505` unique, `23514` check); `27` triggered data change violation; `44` WITH CHECK OPTION violation; `54` program limit exceeded; `40002` a deferred constraint failing at commit | sets the record apart and dead-letters it as `database_rejected` with its SQLSTATE |
+//!
+//! - A pool time-out (no connection within `DB_CONNECT_TIMEOUT_SECS`) takes the class of the last
+//!   failed connection attempt: a server that is down or refuses connections is transient, a refused
+//!   login or certificate is systemic.
+//! - Retries back off with jitter everywhere (writers, start-up, migrations): each delay is drawn
+//!   between half and all of the capped exponential step, so that instances do not retry in
+//!   lock-step.
+//! - Failover: a `25006` (the connection reached a standby) drops that connection instead of
+//!   returning it to the pool, so the retry connects afresh and reaches the new primary.
+//! - A database that is down at start-up is waited for, not fatal; a systemic error at start-up
+//!   halts the worker as it would mid-stream, until it clears.
 
 use crate::config::{DatabaseConfig, SslMode};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};

@@ -2,7 +2,6 @@
 //! the consumer's poll loop goes round (`/healthz`), and what the group has assigned this instance
 //! (part of `/readyz`). The HTTP server only reads it.
 
-use crate::halt::Halt;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,28 +120,6 @@ impl Assignment {
                 missing.join(", ")
             )))
         }
-    }
-}
-
-/// Asks whether the database answers: `Err` says what is wrong.
-pub type DatabaseProbe = Box<dyn Fn() -> Result<(), String> + Send>;
-
-/// What `/readyz` looks at.
-pub struct Readiness {
-    pub database: DatabaseProbe,
-    pub assignment: Arc<Assignment>,
-    pub halt: Arc<Halt>,
-}
-
-impl Readiness {
-    /// Ok (with a note, perhaps) when the worker is ready: the database answers, the worker is not
-    /// halted, and the group has assigned it partitions of every subscribed topic.
-    pub fn check(&self) -> Result<Option<String>, String> {
-        if let Some(cause) = self.halt.cause() {
-            return Err(cause.reason());
-        }
-        (self.database)().map_err(|e| format!("database: {e}"))?;
-        self.assignment.check()
     }
 }
 

@@ -1,12 +1,18 @@
 //! The synchronous HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (the process and its
-//! threads are alive) and `/readyz` (the database answers, the worker is not halted and the
-//! consumer holds an assignment), plus the client side used by `booking-worker healthcheck`.
+//! threads are alive) and `/readyz` (the database answers, the worker is not halted, a broker
+//! answers and the consumer holds an assignment), plus the client side used by
+//! `booking-worker healthcheck`.
 //!
-//! It is a small HTTP/1.0 responder on one named thread: three GET paths for probes and a
-//! scraper need no more, and every thread of the worker stays named and joined.
+//! A small HTTP/1.0 responder: three GET paths for probes and a scraper need no more. It answers
+//! from memory only: readiness comes from [`crate::readiness`], whose probe asks the database on
+//! its own thread, so no request waits for the database or the broker. [`HTTP_THREADS`] named
+//! threads (`http-1`, …) take connections from one listening socket, and each connection has one
+//! deadline (`CLIENT_TIMEOUT`), so a slow or stalled client holds one thread at most that long and
+//! the others keep answering.
 
-use crate::health::{Health, Readiness};
+use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::readiness::{Readiness, Report};
 use crate::shutdown::Shutdown;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -14,7 +20,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Serves the endpoint on `addr` from a thread named `http` until shutdown.
+/// Threads that serve the endpoint.
+pub const HTTP_THREADS: usize = 3;
+
+/// What every request may read.
+struct Served {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    readiness: Readiness,
+}
+
+/// Serves the endpoint on `addr` from the `http-N` threads until shutdown.
 pub fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -25,47 +41,83 @@ pub fn serve(
     let listener = TcpListener::bind(addr)?;
     let waker = listener.try_clone()?;
     log::info!(addr = addr.to_string(); "metrics and health endpoint listening");
-    // A blocking accept costs nothing while nobody asks; `Endpoint::stop` ends it.
-    let handle = std::thread::Builder::new().name("http".into()).spawn(move || {
-        for stream in listener.incoming() {
-            if shutdown.is_triggered() {
-                break;
-            }
-            match stream {
-                Ok(stream) => {
-                    if let Err(e) = answer(stream, &metrics, &health, &readiness) {
-                        log::debug!(error = e.to_string(); "http client went away");
-                    }
-                }
-                Err(e) => {
-                    log::warn!(error = e.to_string(); "http endpoint error");
-                    shutdown.sleep(ERROR_PAUSE);
-                }
+    let served = Arc::new(Served {
+        metrics,
+        health,
+        readiness,
+    });
+    let mut handles = Vec::with_capacity(HTTP_THREADS);
+    for n in 1..=HTTP_THREADS {
+        let (served, own_shutdown) = (Arc::clone(&served), shutdown.clone());
+        // A blocking accept costs nothing while nobody asks; `Endpoint::stop` ends it.
+        let started = listener.try_clone().and_then(|own| {
+            std::thread::Builder::new()
+                .name(format!("http-{n}"))
+                .spawn(move || accept_until_shutdown(&own, &served, &own_shutdown))
+        });
+        match started {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                Endpoint { waker, handles }.stop_after(&shutdown);
+                return Err(e);
             }
         }
-    })?;
-    Ok(Endpoint { waker, handle })
+    }
+    Ok(Endpoint { waker, handles })
 }
 
-/// The running `http` thread.
+fn accept_until_shutdown(listener: &TcpListener, served: &Served, shutdown: &Shutdown) {
+    for stream in listener.incoming() {
+        if shutdown.is_triggered() {
+            break;
+        }
+        match stream {
+            Ok(stream) => {
+                if let Err(e) = answer(stream, served) {
+                    log::debug!(error = e.to_string(); "http client went away");
+                }
+            }
+            Err(e) => {
+                log::warn!(error = e.to_string(); "http endpoint error");
+                shutdown.sleep(ERROR_PAUSE);
+            }
+        }
+    }
+}
+
+/// The running `http-N` threads.
 pub struct Endpoint {
-    /// The listening socket, shared with the thread: shutting it down ends a blocked accept.
+    /// The listening socket, shared with the threads: shutting it down ends a blocked accept.
     waker: TcpListener,
-    handle: JoinHandle<()>,
+    handles: Vec<JoinHandle<()>>,
 }
 
 impl Endpoint {
-    /// Stops the thread once shutdown has been triggered: shutting the listening socket down
-    /// makes the blocked accept return, and the thread then sees the shutdown. No connection is
-    /// needed, so no firewall rule or address can keep it blocked.
+    /// Stops the threads once shutdown has been triggered: shutting the listening socket down
+    /// makes every blocked accept return, and each thread then sees the shutdown. No connection
+    /// is needed, so no firewall rule or address can keep them blocked.
     pub fn stop(self) -> std::thread::Result<()> {
-        // SAFETY: `shutdown` on a socket this value owns (a duplicate of the thread's listener,
+        // SAFETY: `shutdown` on a socket this value owns (a duplicate of the threads' listener,
         // open until this value drops) only changes the socket's state.
         let rc = unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&self.waker), libc::SHUT_RD) };
         if rc != 0 {
-            log::warn!(error = std::io::Error::last_os_error().to_string(); "could not stop the http thread");
+            log::warn!(error = std::io::Error::last_os_error().to_string(); "could not stop the http threads");
         }
-        self.handle.join()
+        let mut result = Ok(());
+        for handle in self.handles {
+            if let Err(panic) = handle.join() {
+                result = Err(panic);
+            }
+        }
+        result
+    }
+
+    /// Triggers `shutdown` and stops the threads started so far (a failed start).
+    fn stop_after(self, shutdown: &Shutdown) {
+        shutdown.trigger();
+        if self.stop().is_err() {
+            log::error!("an http thread panicked");
+        }
     }
 }
 
@@ -79,7 +131,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// Reads one request and answers it; the connection is closed after the answer.
-fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Health, readiness: &Readiness) -> std::io::Result<()> {
+fn answer(mut stream: TcpStream, served: &Served) -> std::io::Result<()> {
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     // One deadline for the whole request: a client that trickles bytes does not hold the thread.
     let deadline = Instant::now() + CLIENT_TIMEOUT;
@@ -100,7 +152,7 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Health, readiness: 
     let line = String::from_utf8_lossy(&head);
     let mut words = line.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, content_type, body) = respond(method, target, metrics, health, readiness);
+    let (status, content_type, body) = respond(method, target, served);
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
@@ -116,37 +168,34 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, health: &Health, readiness: 
     stream.flush()
 }
 
-fn respond(
-    method: &str,
-    target: &str,
-    metrics: &Metrics,
-    health: &Health,
-    readiness: &Readiness,
-) -> (u16, &'static str, String) {
+fn respond(method: &str, target: &str, served: &Served) -> (u16, &'static str, String) {
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
-        ("GET", "/metrics") => (200, "text/plain; version=0.0.4", metrics.render()),
-        ("GET", "/healthz") => status_of(health.check().map(|()| None)),
-        ("GET", "/readyz") => status_of(readiness.check()),
+        ("GET", "/metrics") => {
+            served.readiness.export(&served.metrics);
+            (200, "text/plain; version=0.0.4", served.metrics.render())
+        }
+        ("GET", "/healthz") => status_of(Report {
+            verdict: served.health.check().map(|()| None),
+            seen: Vec::new(),
+        }),
+        ("GET", "/readyz") => status_of(served.readiness.report()),
         ("GET", _) => (404, "text/plain", "not found\n".into()),
         _ => (405, "text/plain", "method not allowed\n".into()),
     }
 }
 
-fn status_of(result: Result<Option<String>, String>) -> (u16, &'static str, String) {
-    match result {
-        Ok(None) => (200, "application/json", "{\"status\":\"ok\"}\n".into()),
-        Ok(Some(note)) => (
-            200,
-            "application/json",
-            format!("{}\n", serde_json::json!({"status": "ok", "note": note})),
-        ),
-        Err(reason) => (
-            503,
-            "application/json",
-            format!("{}\n", serde_json::json!({"status": "unavailable", "reason": reason})),
-        ),
+/// A JSON body: `status`, the `note` or the `reason`, and what was last seen of each service.
+fn status_of(report: Report) -> (u16, &'static str, String) {
+    let (code, mut body) = match report.verdict {
+        Ok(None) => (200, serde_json::json!({"status": "ok"})),
+        Ok(Some(note)) => (200, serde_json::json!({"status": "ok", "note": note})),
+        Err(reason) => (503, serde_json::json!({"status": "unavailable", "reason": reason})),
+    };
+    for (service, seen) in report.seen {
+        body[service] = serde_json::Value::String(seen);
     }
+    (code, "application/json", format!("{body}\n"))
 }
 
 /// `GET path` on a local endpoint; returns the status code. `0.0.0.0` means this host.
@@ -176,37 +225,51 @@ pub fn get_status(addr: &str, path: &str, timeout: Duration) -> std::io::Result<
 mod tests {
     use super::*;
     use crate::health::Assignment;
+    use crate::readiness::{spawn_probe, BrokerLink, DatabaseAnswers};
 
-    #[test]
-    fn endpoint_serves_health_and_metrics() {
-        let metrics = Metrics::new();
-        let health = Health::new();
-        let shutdown = Shutdown::new();
+    /// An endpoint on a free port whose database probe asks a port where nothing listens.
+    fn endpoint(health: &Arc<Health>, halt: &Arc<crate::halt::Halt>, shutdown: &Shutdown) -> (Endpoint, String) {
         let config = crate::config::Config::from_vars(&[("DB_PORT".into(), "1".into())]).unwrap();
-        let halt = Arc::new(crate::halt::Halt::new(25));
+        let pool = crate::database::Pool::new(&config.database).unwrap();
+        let answers = DatabaseAnswers::new();
+        let probe = spawn_probe(
+            Box::new(move || {
+                let mut conn = pool.get_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
+                crate::repository::ping(conn.client()).map_err(|e| e.to_string())
+            }),
+            Arc::clone(&answers),
+            shutdown.clone(),
+        )
+        .unwrap();
+        drop(probe);
         let assignment = Assignment::new(&["t"]);
         assignment.set(Some(["t".to_string()].into()));
         let readiness = Readiness {
-            database: {
-                let pool = crate::database::Pool::new(&config.database).unwrap();
-                Box::new(move || {
-                    let mut conn = pool.get_timeout(Duration::from_secs(2)).map_err(|e| e.to_string())?;
-                    crate::repository::ping(conn.client()).map_err(|e| e.to_string())
-                })
-            },
+            database: answers,
+            broker: BrokerLink::new(None),
             assignment,
-            halt: Arc::clone(&halt),
+            halt: Arc::clone(halt),
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let endpoint = serve(addr, metrics, Arc::clone(&health), readiness, shutdown.clone()).unwrap();
-        let a = addr.to_string();
+        let endpoint = serve(addr, Metrics::new(), Arc::clone(health), readiness, shutdown.clone()).unwrap();
+        (endpoint, addr.to_string())
+    }
+
+    #[test]
+    fn endpoint_serves_health_and_metrics() {
+        let health = Health::new();
+        let shutdown = Shutdown::new();
+        let halt = Arc::new(crate::halt::Halt::new(25));
+        let (endpoint, a) = endpoint(&health, &halt, &shutdown);
         let t = Duration::from_secs(5);
         assert_eq!(get_status(&a, "/healthz", t).unwrap(), 200);
         assert_eq!(get_status(&a, "/metrics", t).unwrap(), 200);
         assert_eq!(get_status(&a, "/readyz", t).unwrap(), 503, "no database on port 1");
         assert_eq!(get_status(&a, "/nope", t).unwrap(), 404);
+        let body = readiness_body(&a);
+        assert!(body.contains("\"database\":") && body.contains("\"kafka\":"), "{body}");
         halt.enter(
             1,
             &crate::database::DbError::systemic(Some("42703"), "column \"payment_id\" does not exist"),
@@ -216,6 +279,28 @@ mod tests {
         let guard = health.register("writer-1");
         drop(guard);
         assert_eq!(get_status(&a, "/healthz", t).unwrap(), 503);
+        shutdown.trigger();
+        endpoint.stop().unwrap();
+    }
+
+    #[test]
+    fn stalled_clients_do_not_keep_others_waiting() {
+        let health = Health::new();
+        let shutdown = Shutdown::new();
+        let halt = Arc::new(crate::halt::Halt::new(25));
+        let (endpoint, a) = endpoint(&health, &halt, &shutdown);
+        // More silent clients than threads: each holds a thread until its deadline.
+        let stalled: Vec<TcpStream> = (0..HTTP_THREADS + 2).map(|_| TcpStream::connect(&a).unwrap()).collect();
+        for _ in 0..3 {
+            let asked = Instant::now();
+            assert_eq!(get_status(&a, "/healthz", Duration::from_secs(10)).unwrap(), 200);
+            assert!(
+                asked.elapsed() < CLIENT_TIMEOUT * 3,
+                "answered after {:?}, behind the stalled clients' deadlines",
+                asked.elapsed()
+            );
+        }
+        drop(stalled);
         shutdown.trigger();
         endpoint.stop().unwrap();
     }

@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::models::EventKind;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::pipeline::{RecordMeta, Work};
+use crate::readiness::BrokerLink;
 use crate::shutdown::Shutdown;
 use crate::writer::Dispatcher;
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -148,6 +149,25 @@ pub fn to_work(message: &BorrowedMessage<'_>, kind: EventKind, tp: &TopicPartiti
     }
 }
 
+/// Linux keeps this many bytes of a thread's name; every thread dump shows no more.
+pub const THREAD_NAME_MAX: usize = 15;
+
+/// A partition thread's name: its topic's role and its partition, as `bk-events/3` or
+/// `cancels/3`. The role, not the configured topic name, so that it fits in [`THREAD_NAME_MAX`]
+/// bytes whatever the topics are called; a partition number too long for that gets a shorter role.
+pub fn partition_thread_name(kind: EventKind, partition: i32) -> String {
+    let (role, short) = match kind {
+        EventKind::Booking => ("bk-events", "bk"),
+        EventKind::Cancellation => ("cancels", "cx"),
+    };
+    let name = format!("{role}/{partition}");
+    if name.len() <= THREAD_NAME_MAX {
+        name
+    } else {
+        format!("{short}/{partition}")
+    }
+}
+
 /// A running partition thread and its stop flag.
 struct PartitionThread {
     stop: Arc<AtomicBool>,
@@ -175,6 +195,8 @@ pub struct ConsumerWiring {
     pub health: Arc<Health>,
     /// The topics this instance holds partitions of (for `/readyz`).
     pub assignment: Arc<Assignment>,
+    /// What the client last heard from its brokers (for `/readyz` and the metrics).
+    pub broker: Arc<BrokerLink>,
     pub max_payload_bytes: usize,
     pub drain_timeout: Duration,
     /// The booking partitions' horizon, when cancellations wait for it (`ALIGN_CANCELLATIONS`).
@@ -226,7 +248,7 @@ impl WorkerContext {
                 pacing: Pacing::of(kind, self.wiring.horizon.as_ref()),
             };
             let spawned = std::thread::Builder::new()
-                .name(format!("consume-{}-{}", tp.topic, tp.partition))
+                .name(partition_thread_name(kind, tp.partition))
                 .spawn(move || reader.run());
             match spawned {
                 Ok(handle) => {
@@ -331,8 +353,27 @@ fn commit(consumer: &BaseConsumer<WorkerContext>, offsets: &[(TopicPartition, i6
     }
 }
 
+/// From the client's statistics: how many brokers are up, and the shortest time since one of
+/// them last answered. Only real brokers count: the bootstrap entries and the logical group
+/// coordinator stand for them.
+pub fn broker_contact(statistics: &Statistics) -> (usize, Option<Duration>) {
+    let real = statistics
+        .brokers
+        .values()
+        .filter(|b| b.nodeid >= 0 && b.source != "logical");
+    let up: Vec<_> = real.filter(|b| b.state == "UP").collect();
+    let idle = up
+        .iter()
+        .filter(|b| b.rxidle >= 0)
+        .map(|b| Duration::from_micros(b.rxidle as u64))
+        .min();
+    (up.len(), idle)
+}
+
 impl ClientContext for WorkerContext {
     fn stats(&self, statistics: Statistics) {
+        let (up, idle) = broker_contact(&statistics);
+        self.wiring.broker.observe(up, idle, Instant::now());
         let held: Vec<TopicPartition> = self.lock().partitions.keys().cloned().collect();
         for tp in held {
             let lag = statistics
@@ -347,6 +388,9 @@ impl ClientContext for WorkerContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.wiring.broker.all_down();
+        }
         log::error!(target: "librdkafka", error = error.to_string(); "kafka client error: {reason}");
     }
 }
@@ -770,6 +814,23 @@ mod tests {
         let config = Config::from_vars(&vars).unwrap();
         let client: Result<BaseConsumer, _> = consumer_config(&config.kafka).create();
         assert!(client.is_err());
+    }
+
+    #[test]
+    fn a_partition_thread_name_fits_a_thread_dump_and_tells_role_and_partition() {
+        assert_eq!(partition_thread_name(EventKind::Booking, 3), "bk-events/3");
+        assert_eq!(partition_thread_name(EventKind::Cancellation, 3), "cancels/3");
+        assert_eq!(partition_thread_name(EventKind::Booking, 99_999), "bk-events/99999");
+        assert_eq!(partition_thread_name(EventKind::Booking, i32::MAX), "bk/2147483647");
+        for kind in [EventKind::Booking, EventKind::Cancellation] {
+            for partition in [0, 7, 12_345, 999_999, i32::MAX] {
+                assert!(partition_thread_name(kind, partition).len() <= THREAD_NAME_MAX);
+            }
+        }
+        assert_ne!(
+            partition_thread_name(EventKind::Booking, 1),
+            partition_thread_name(EventKind::Cancellation, 1)
+        );
     }
 
     #[test]

@@ -9,14 +9,10 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Exit code when the configuration is invalid.
-const EXIT_CONFIG: u8 = 2;
-/// Exit code when the shutdown deadline passes.
-const EXIT_DEADLINE: i32 = 124;
-/// Exit code on a second SIGINT/SIGTERM.
-const EXIT_SECOND_SIGNAL: i32 = 130;
-/// Exit code when any thread panics (EX_SOFTWARE).
-const EXIT_PANIC: i32 = 70;
+/// Exits the process at once with `status`.
+fn exit_now(status: ExitStatus) -> ! {
+    std::process::exit(i32::from(status.code()))
+}
 
 #[derive(Parser)]
 #[command(
@@ -24,7 +20,7 @@ const EXIT_PANIC: i32 = 70;
     version,
     about = "Consumes hotel booking and cancellation events from Kafka into PostgreSQL.",
     next_help_heading = "Settings (each from its environment variable, or the flag)",
-    after_help = AFTER_HELP,
+    after_help = after_help(),
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,9 +34,9 @@ enum Command {
     /// Run the worker until SIGINT or SIGTERM (the default command).
     Run,
     /// Check the configuration, the database, the broker and the topics; the exit code says which
-    /// failed (2 configuration, 3 database, 4 broker, 5 topics).
+    /// failed first (see Exit codes).
     Check,
-    /// Apply the worker's own database migrations, online, and exit (7 when this role may not).
+    /// Apply the worker's own database migrations, online, and exit.
     Migrate,
     /// Inspect and replay dead letters.
     #[command(subcommand)]
@@ -67,7 +63,7 @@ enum DeadLetters {
         limit: i64,
     },
     /// Run dead letters through the same handling again; those that now succeed are marked
-    /// replayed (exit 6 when some still fail).
+    /// replayed.
     Replay {
         /// The dead letter to replay.
         #[arg(long, required_unless_present = "reason", conflicts_with = "reason")]
@@ -82,16 +78,17 @@ enum DeadLetters {
 }
 
 /// What `--help` says after the settings.
-const AFTER_HELP: &str = "\
-KAFKA_PROP_<NAME>: any librdkafka property, e.g. KAFKA_PROP_SECURITY_PROTOCOL=ssl sets
+fn after_help() -> String {
+    format!(
+        "KAFKA_PROP_<NAME>: any librdkafka property, e.g. KAFKA_PROP_SECURITY_PROTOCOL=ssl sets
 security.protocol (underscores become dots); it overrides the worker's own settings, except those
-the worker relies on (refused with exit code 2).
+the worker relies on (refused with exit code {}).
 
-Exit codes: 0 success, 1 failure, 2 invalid configuration, 3 database unusable,
-4 Kafka client or broker failure, 5 topics missing, 6 dead letters still failing,
-7 a migration is pending that this worker may not apply (run `booking-worker migrate`
-as the owner of booking-management's tables), 70 a thread panicked,
-124 shutdown deadline passed, 130 second signal.";
+{}",
+        ExitStatus::Config.code(),
+        ExitStatus::help()
+    )
+}
 
 /// Parses the command line and the settings' environment variables. A refused setting is logged
 /// as one JSON line naming the variable and exits 2; other command-line errors, `--help` and
@@ -110,7 +107,7 @@ fn lists_data() -> bool {
     args.windows(2).any(|w| w[0] == "dead-letters" && w[1] == "list")
 }
 
-/// Makes a panic in any thread end the process at once with [`EXIT_PANIC`], after one JSON line
+/// Makes a panic in any thread end the process at once with [`ExitStatus::Panic`], after one JSON line
 /// naming the thread. A worker with a dead thread would look alive while a partition or a writer
 /// stood still; a restart by systemd or Docker resumes from the committed offsets, and replay is
 /// idempotent. A hook rather than `panic = "abort"`: it logs through the JSON logger, and it ends
@@ -145,7 +142,7 @@ fn exit_on_panic() {
         let _ = std::io::Write::flush(&mut std::io::stdout());
         // SAFETY: `_exit` ends the process at once, without running destructors or atexit
         // handlers; nothing is left to clean up that the restart does not redo.
-        unsafe { libc::_exit(EXIT_PANIC) }
+        unsafe { libc::_exit(i32::from(ExitStatus::Panic.code())) }
     }));
 }
 
@@ -158,7 +155,7 @@ fn main() -> ExitCode {
         Err(e) => {
             logger::init("info", lists_data());
             log::error!(variable = e.variable.as_str(); "invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitStatus::Config.into();
         }
     };
     let command = cli.command.unwrap_or(Command::Run);
@@ -169,7 +166,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => {
             log::error!(variable = e.variable.as_str(); "invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitStatus::Config.into();
         }
     };
     let status = match command {
@@ -201,7 +198,7 @@ fn main() -> ExitCode {
             commands::replay_dead_letters(&config, &selection)
         }
     };
-    ExitCode::from(status as u8)
+    status.into()
 }
 
 fn run(config: Config) -> ExitCode {
@@ -215,22 +212,22 @@ fn run(config: Config) -> ExitCode {
             log::info!(deadline_secs = deadline.as_secs(); "shutdown requested; draining");
         } else {
             log::warn!("second signal; exiting now (replay is idempotent)");
-            std::process::exit(EXIT_SECOND_SIGNAL);
+            exit_now(ExitStatus::SecondSignal);
         }
     }) {
         log::error!(error = e.to_string(); "could not install the signal handler");
-        return ExitCode::from(ExitStatus::Failure as u8);
+        return ExitStatus::Failure.into();
     }
 
     let watch_shutdown = shutdown.clone();
     let watch_finished = finished.clone();
     let watchdog = std::thread::Builder::new()
-        .name("shutdown-deadline".into())
+        .name("shutdown-timer".into())
         .spawn(move || {
             while !watch_shutdown.sleep(Duration::from_secs(3600)) {}
             if !watch_finished.sleep(deadline) {
                 log::error!(deadline_secs = deadline.as_secs(); "shutdown deadline passed; exiting now");
-                std::process::exit(EXIT_DEADLINE);
+                exit_now(ExitStatus::Deadline);
             }
         });
 
@@ -244,7 +241,7 @@ fn run(config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!(error = e.to_string(); "booking-worker failed");
-            ExitCode::from(e.exit_code())
+            e.exit_status().into()
         }
     }
 }

@@ -5,8 +5,8 @@ use crate::models::EventKind;
 use crate::pipeline::Outcome;
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::Arc;
 
@@ -72,6 +72,19 @@ const BREAKER_TRIPS: Describe = (
     "Times the circuit breaker tripped: more than DB_REJECT_HALT_AFTER records in a row refused by the database.",
 );
 
+const READY: Describe = (
+    "booking_worker_ready",
+    "1 while /readyz would answer 200: the database answers, the worker is not halted, a broker answers and the group has assigned partitions.",
+);
+const KAFKA_BROKERS_UP: Describe = (
+    "booking_worker_kafka_brokers_up",
+    "Brokers the Kafka client holds an open, usable connection to, as its last statistics said (0 after an all-brokers-down error).",
+);
+const KAFKA_CONTACT_AGE: Describe = (
+    "booking_worker_kafka_last_contact_age_seconds",
+    "Seconds since any broker last answered the Kafka client (fetches, heartbeats, metadata), as of this scrape.",
+);
+
 /// Every metric the worker exports.
 pub struct Metrics {
     registry: Registry,
@@ -90,6 +103,9 @@ pub struct Metrics {
     halted: IntGauge,
     halts: IntCounter,
     breaker_trips: IntCounter,
+    ready: IntGauge,
+    kafka_brokers_up: IntGauge,
+    kafka_contact_age: Gauge,
 }
 
 impl Metrics {
@@ -119,6 +135,9 @@ impl Metrics {
             halted: gauge(&r, HALTED),
             halts: registered(&r, IntCounter::new(HALTS.0, HALTS.1)),
             breaker_trips: registered(&r, IntCounter::new(BREAKER_TRIPS.0, BREAKER_TRIPS.1)),
+            ready: gauge(&r, READY),
+            kafka_brokers_up: gauge(&r, KAFKA_BROKERS_UP),
+            kafka_contact_age: registered(&r, Gauge::new(KAFKA_CONTACT_AGE.0, KAFKA_CONTACT_AGE.1)),
             registry: r,
         })
     }
@@ -204,6 +223,14 @@ impl Metrics {
 
     pub fn set_assigned(&self, n: usize) {
         self.assigned.set(n as i64);
+    }
+
+    /// What readiness saw at this scrape: ready or not, the brokers up, and the seconds since a
+    /// broker last answered.
+    pub fn set_readiness(&self, ready: bool, brokers_up: i64, contact_age_secs: f64) {
+        self.ready.set(i64::from(ready));
+        self.kafka_brokers_up.set(brokers_up);
+        self.kafka_contact_age.set(contact_age_secs);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -3,6 +3,60 @@
 //!
 //! Decoding is pure (no I/O): it turns a raw payload into a valid event or a [`Rejection`] that
 //! says why, so that every record reaches an end.
+//!
+//! # The contract
+//!
+//! `booking-events`, keyed by booking id:
+//!
+//! ```json
+//! {"userId":"user_123","roomId":"room_ocean_001","guests":2,"startDate":"2025-01-15T15:00:00Z",
+//!  "endDate":"2025-01-18T11:00:00Z","bookingId":"booking_456","paymentId":"pay_789"}
+//! ```
+//!
+//! `booking-cancellations`, keyed by booking id:
+//!
+//! ```json
+//! {"bookingId":"booking_456","userId":"user_123","timestamp":"2025-01-18T10:30:00Z"}
+//! ```
+//!
+//! - `userId` is a numeric `users.id`, an `email` or a `username`. When more than one user could
+//!   match, the id wins, then the email, then the username.
+//! - `roomId` is `rooms.internal_id`.
+//! - Dates are RFC 3339 timestamps or plain `YYYY-MM-DD`. The booking stores the calendar day as
+//!   written (`2025-01-15T23:30:00-05:00` is the 15th). `endDate` must be after `startDate`, and
+//!   `guests` at least 1.
+//! - `bookingId`, `userId` and `roomId` are at most 255 characters. A `paymentId` of up to 1024
+//!   characters passes the decoder, so that booking-management's `payment_id VARCHAR(255)` column
+//!   judges it: a longer one is dead-lettered as `database_rejected` with SQLSTATE `22001`.
+//! - The booking service's id (`booking_1736950000_AbC123`) is stored in `bookings.external_id`
+//!   (unique). A cancellation whose `bookingId` is all digits and matches no external id falls back
+//!   to `bookings.id`, so rows created by booking-management can be cancelled too.
+//! - A record may carry a `Baggage` header (W3C baggage, name matched case-insensitively); see
+//!   `crate::baggage`. It travels with the event and appears as `baggage` on every log line about
+//!   it.
+//!
+//! # Dead-letter reasons
+//!
+//! | reason | meaning |
+//! | --- | --- |
+//! | `malformed_json` | the payload is not UTF-8, not JSON, or not a JSON object |
+//! | `missing_field` | a required field is absent, null or empty |
+//! | `invalid_field` | a field has the wrong type, an invalid date, control characters, or more than 255 characters (1024 for `paymentId`) |
+//! | `invalid_guests` | `guests` is below 1 (or absurdly large) |
+//! | `invalid_dates` | `endDate` is not after `startDate` |
+//! | `payload_too_large` | the payload is larger than `MAX_PAYLOAD_BYTES` (it is still stored whole) |
+//! | `unknown_user` | no user has that id, email or username |
+//! | `unknown_room` | no room has that internal id |
+//! | `unauthorized` | a cancellation by someone other than the booking's owner; the booking is unchanged |
+//! | `not_cancellable` | the booking is neither Accepted nor Cancelled (e.g. Refused) |
+//! | `cancellation_expired` | a parked cancellation whose booking never came within `PENDING_CANCELLATION_TTL_SECS` |
+//! | `database_rejected` | PostgreSQL refused the record's own values (a record-class SQLSTATE, stored in `sqlstate`; see `crate::database`); not an outage: outages are retried forever |
+//!
+//! # A new event type
+//!
+//! It touches its model here (and a kind in `EventKind`), its handler in `crate::handlers`, and the
+//! table of topics (`TopicTable` in `crate::kafka`), plus the setting that names its topic
+//! (`crate::config::settings`, read into `KafkaConfig`).
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};

@@ -4,10 +4,12 @@
 
 use crate::config::{Config, DatabaseConfig, MigrateMode};
 use crate::database::{Backoff, DbError, ErrorClass, Pool};
+use crate::exit::ExitStatus;
 use crate::halt::{self, Halt};
-use crate::health::{Assignment, DatabaseProbe, Health, Readiness};
+use crate::health::{Assignment, Health};
 use crate::metrics::Metrics;
 use crate::offsets::OffsetTracker;
+use crate::readiness::{self, BrokerLink, DatabaseAnswers, DatabaseProbe, Readiness};
 use crate::repository::{self, MigrateError};
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterPool, WriterWiring};
@@ -38,14 +40,14 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// The process exit code for this failure (documented in the README).
-    pub fn exit_code(&self) -> u8 {
+    /// How the process ends for this failure.
+    pub fn exit_status(&self) -> ExitStatus {
         match self {
-            RunError::Database(_) => 3,
-            RunError::Kafka(_) => 4,
-            RunError::TopicsMissing(_) => 5,
-            RunError::MigrationPending { .. } => 7,
-            RunError::Thread(_) | RunError::Http { .. } => 1,
+            RunError::Database(_) => ExitStatus::Database,
+            RunError::Kafka(_) => ExitStatus::Kafka,
+            RunError::TopicsMissing(_) => ExitStatus::TopicsMissing,
+            RunError::MigrationPending { .. } => ExitStatus::MigrationRefused,
+            RunError::Thread(_) | RunError::Http { .. } => ExitStatus::Failure,
         }
     }
 }
@@ -56,6 +58,20 @@ struct Shared {
     health: Arc<Health>,
     halt: Arc<Halt>,
     assignment: Arc<Assignment>,
+    broker: Arc<BrokerLink>,
+    database: Arc<DatabaseAnswers>,
+}
+
+impl Shared {
+    /// What `/readyz` reads.
+    fn readiness(&self) -> Readiness {
+        Readiness {
+            database: Arc::clone(&self.database),
+            broker: Arc::clone(&self.broker),
+            assignment: Arc::clone(&self.assignment),
+            halt: Arc::clone(&self.halt),
+        }
+    }
 }
 
 /// Runs the worker until `shutdown` is triggered, then drains, commits and returns.
@@ -73,8 +89,22 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
         health: Health::new(),
         halt: Arc::new(Halt::new(config.pipeline.reject_halt_after)),
         assignment: Assignment::new(&kafka::TopicTable::from_config(&config.kafka).topics()),
+        broker: BrokerLink::new(config.kafka.unreachable_ready_after),
+        database: DatabaseAnswers::new(),
     };
-    let endpoint = serve_endpoint(&config, &pool, &shared, &shutdown)?;
+    let probe = readiness::spawn_probe(
+        database_probe(pool.clone()),
+        Arc::clone(&shared.database),
+        shutdown.clone(),
+    )?;
+    let endpoint = match serve_endpoint(&config, &shared, &shutdown) {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            shutdown.trigger();
+            join_named(probe);
+            return Err(e);
+        }
+    };
     let result = match wait_and_migrate(&pool, &shutdown, &config, &shared) {
         Ok(true) => run_pipeline(&config, pool, shared, &shutdown).map(|()| true),
         Ok(false) => {
@@ -89,6 +119,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
             log::error!(thread = "http"; "thread panicked");
         }
     }
+    join_named(probe);
     if let Ok(true) = result {
         log::info!("booking-worker stopped cleanly");
     }
@@ -96,32 +127,29 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
 }
 
 /// Starts the `http` thread when `METRICS_ADDR` is not off.
-fn serve_endpoint(
-    config: &Config,
-    pool: &Pool,
-    shared: &Shared,
-    shutdown: &Shutdown,
-) -> Result<Option<http::Endpoint>, RunError> {
+fn serve_endpoint(config: &Config, shared: &Shared, shutdown: &Shutdown) -> Result<Option<http::Endpoint>, RunError> {
     let Some(addr) = config.metrics_addr else {
         return Ok(None);
     };
-    let readiness = Readiness {
-        database: database_probe(pool.clone()),
-        assignment: Arc::clone(&shared.assignment),
-        halt: Arc::clone(&shared.halt),
-    };
     let metrics = Arc::clone(&shared.metrics);
-    let served = http::serve(addr, metrics, Arc::clone(&shared.health), readiness, shutdown.clone());
+    let served = http::serve(
+        addr,
+        metrics,
+        Arc::clone(&shared.health),
+        shared.readiness(),
+        shutdown.clone(),
+    );
     served.map(Some).map_err(|error| RunError::Http {
         addr: addr.to_string(),
         error,
     })
 }
 
-/// `/readyz`'s question to the database: a connection from the pool answers a trivial query.
+/// The readiness probe's question to the database: a connection from the pool answers a trivial
+/// query.
 fn database_probe(pool: Pool) -> DatabaseProbe {
     Box::new(move || {
-        pool.get_timeout(Duration::from_secs(2))
+        pool.get_timeout(readiness::PROBE_DEADLINE)
             .and_then(|mut c| repository::ping(c.client()))
             .map_err(|e| e.to_string())
     })
@@ -153,6 +181,7 @@ fn run_pipeline(config: &Config, pool: Pool, shared: Shared, shutdown: &Shutdown
         metrics: shared.metrics,
         health: shared.health,
         assignment: shared.assignment,
+        broker: shared.broker,
         max_payload_bytes: config.pipeline.max_payload_bytes,
         drain_timeout: config.pipeline.rebalance_drain_timeout,
         horizon: config.pipeline.align_cancellations.then(align::Horizon::new),

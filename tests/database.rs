@@ -651,44 +651,70 @@ fn each_sslmode_connects_as_libpq_would() {
     assert_eq!(wrong.class, ErrorClass::Systemic, "{wrong}");
 }
 
-#[test]
-fn every_thread_of_a_running_worker_is_named() {
-    let Some(s) = Setup::new("threads") else { return };
-    let worker = s.start("threads");
-    wait_for("the worker to be ready", WAIT, || readyz(&worker).0 == 200);
-    let pid = worker.pid();
+/// The name of every thread of a process, as a thread dump shows it (`/proc/PID/task/*/comm`),
+/// by thread id.
+fn thread_names(pid: u32) -> Vec<(u32, String)> {
     let mut names = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap();
         let tid: u32 = task.file_name().to_string_lossy().parse().unwrap();
-        let comm = std::fs::read_to_string(task.path().join("comm"))
-            .unwrap()
-            .trim()
-            .to_string();
-        names.push((tid, comm));
+        let Ok(comm) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue; // a short-lived thread that ended meanwhile
+        };
+        names.push((tid, comm.trim().to_string()));
     }
-    let unnamed: Vec<&(u32, String)> = names
-        .iter()
-        .filter(|(tid, comm)| *tid != pid && comm == "booking-worker")
-        .collect();
-    assert!(unnamed.is_empty(), "threads without a name: {unnamed:?} of {names:?}");
-    for expected in [
+    names
+}
+
+#[test]
+fn every_thread_of_a_running_worker_is_named_in_full_and_apart() {
+    let Some(s) = Setup::new("threads") else { return };
+    let worker = s.start_with("threads", &[("WRITER_THREADS", "3")]);
+    wait_for("the worker to be ready", WAIT, || readyz(&worker).0 == 200);
+    let pid = worker.pid();
+    let partitions = |topic: &str| {
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &s.services.brokers)
+            .create()
+            .unwrap();
+        let metadata = consumer.fetch_metadata(Some(topic), WAIT).unwrap();
+        metadata.topics()[0].partitions().len()
+    };
+    let mut expected: Vec<String> = [
         "consumer-poll",
         "writer-1",
         "writer-2",
+        "writer-3",
         "housekeeping",
-        "http",
+        "http-1",
+        "http-2",
+        "http-3",
+        "ready-probe",
         "ctrl-c",
-    ] {
-        assert!(
-            names.iter().any(|(_, n)| n == expected),
-            "{expected} missing from {names:?}"
-        );
+        "shutdown-timer",
+    ]
+    .iter()
+    .map(|n| n.to_string())
+    .collect();
+    let (bookings, cancels) = (partitions(&s.bookings), partitions(&s.cancels));
+    assert!(bookings > 1 && cancels > 1, "{bookings} and {cancels} partitions");
+    expected.extend((0..bookings).map(|p| format!("bk-events/{p}")));
+    expected.extend((0..cancels).map(|p| format!("cancels/{p}")));
+    let names = thread_names(pid);
+    for name in &expected {
+        assert!(name.len() <= 15, "{name} is longer than Linux keeps");
+        let found = names.iter().filter(|(_, n)| n == name).count();
+        assert_eq!(found, 1, "{name} once, under its full name, in {names:?}");
     }
-    assert!(
-        names.iter().any(|(_, n)| n.starts_with("consume-")),
-        "no partition thread in {names:?}"
-    );
+    // Besides the process's main thread, the only others are librdkafka's own (rdk:…) and the
+    // connection pool's (r2d2-worker-N, which open connections in the background).
+    let unexpected: Vec<&(u32, String)> = names
+        .iter()
+        .filter(|(tid, n)| {
+            *tid != pid && !expected.contains(n) && !n.starts_with("rdk:") && !n.starts_with("r2d2-worker-")
+        })
+        .collect();
+    assert!(unexpected.is_empty(), "threads the test does not know: {unexpected:?}");
     assert_eq!(worker.terminate(WAIT), 0);
 }
 

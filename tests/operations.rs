@@ -1,12 +1,17 @@
 //! Operating the worker against the real broker and database: the metrics endpoint against what a
-//! load-generator run produced, readiness following the database, and every subcommand.
+//! load-generator run produced, readiness following the database, health that answers at once
+//! while the database or the broker hangs (SIGSTOP of services of the test's own), and every
+//! subcommand.
 
 mod common;
 
+use booking_worker::readiness;
+use common::own::{Frozen, OwnBroker, OwnPostgres};
 use common::{
     booking_json, free_local_addr, http_get, metric_sum, parse_prometheus, unique, wait_for, CuttableProxy, Setup, WAIT,
 };
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// One sample of a Prometheus scrape: name, labels, value.
 type Sample = (String, std::collections::BTreeMap<String, String>, f64);
@@ -342,5 +347,156 @@ fn healthcheck_asks_the_running_worker() {
     assert_eq!(worker_command(&nobody, &["healthcheck"]).status.code(), Some(1));
     let off = with(&s.env(), &[("METRICS_ADDR", "off")]);
     assert_eq!(worker_command(&off, &["healthcheck"]).status.code(), Some(1));
+    assert_eq!(worker.terminate(WAIT), 0);
+}
+
+/// `GET path` and how long the answer took.
+fn timed_get(addr: &str, path: &str) -> (Option<(u16, String)>, Duration) {
+    let asked = Instant::now();
+    let answer = http_get(addr, path);
+    (answer, asked.elapsed())
+}
+
+/// The longest an endpoint may take to answer while a service hangs.
+const PROMPT: Duration = Duration::from_millis(100);
+
+/// Polls `/healthz` and `/metrics` every second for `span`: each must answer 200 within
+/// [`PROMPT`]. Returns the `/readyz` answers seen meanwhile, with their time since the start.
+fn poll_endpoints_for(addr: &str, span: Duration) -> Vec<(Duration, u16, String)> {
+    let start = Instant::now();
+    let mut readyz = Vec::new();
+    let mut slowest = Duration::ZERO;
+    while start.elapsed() < span {
+        for path in ["/healthz", "/metrics", "/readyz"] {
+            let (answer, took) = timed_get(addr, path);
+            let (status, body) = answer.unwrap_or_else(|| panic!("{path} did not answer"));
+            assert!(took <= PROMPT, "{path} took {took:?} at {:?}", start.elapsed());
+            slowest = slowest.max(took);
+            if path == "/readyz" {
+                readyz.push((start.elapsed(), status, body));
+            } else {
+                assert_eq!(status, 200, "{path} at {:?}: {body}", start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let first_503 = readyz
+        .iter()
+        .find(|(_, status, _)| *status == 503)
+        .map(|(at, _, _)| *at);
+    eprintln!("[endpoints] slowest answer {slowest:?}; /readyz first 503 after {first_503:?}");
+    readyz
+}
+
+/// Every booking of the setup was written once: `n` rows, `n` distinct external ids.
+fn assert_each_booking_once(s: &Setup, n: usize) {
+    s.wait_rows(n);
+    let rows = s.db.bookings();
+    let ids: std::collections::BTreeSet<_> = rows.iter().map(|r| r.external_id.clone()).collect();
+    assert_eq!((rows.len(), ids.len()), (n, n), "each booking once");
+}
+
+#[test]
+fn health_answers_at_once_while_the_database_hangs() {
+    let Some(around) = common::services() else { return };
+    let pg = OwnPostgres::start();
+    let s = Setup::with_services("dbhang", pg.services(&around));
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    let worker = s.start_with("dbhang", &[("RETRY_MAX_BACKOFF_MS", "500")]);
+    for i in 0..10 {
+        s.book(&format!("h{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    s.wait_rows(10);
+    wait_for("ready", WAIT, || {
+        http_get(&worker.metrics_addr, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+
+    let frozen = Frozen::new(pg.pids());
+    for i in 10..20 {
+        s.book(&format!("h{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    let readyz = poll_endpoints_for(&worker.metrics_addr, Duration::from_secs(30));
+    drop(frozen);
+
+    // The probe's deadline, one rest between probes and one poll of the test's.
+    let bound = readiness::PROBE_DEADLINE + readiness::PROBE_EVERY + Duration::from_secs(2);
+    let (at, _, body) = readyz
+        .iter()
+        .find(|(_, status, _)| *status == 503)
+        .unwrap_or_else(|| panic!("/readyz never said 503: {readyz:?}"));
+    assert!(*at <= bound, "503 only after {at:?}: {readyz:?}");
+    assert!(body.contains("\"reason\":\"database: "), "{body}");
+    assert!(
+        readyz
+            .iter()
+            .filter(|(t, _, _)| *t > bound)
+            .all(|(_, status, _)| *status == 503),
+        "not ready for as long as the database hangs: {readyz:?}"
+    );
+    wait_for("ready again", WAIT, || {
+        http_get(&worker.metrics_addr, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    assert_each_booking_once(&s, 20);
+    assert_eq!(worker.terminate(WAIT), 0);
+}
+
+#[test]
+fn readiness_and_metrics_show_a_broker_that_does_not_answer() {
+    let Some(around) = common::services() else { return };
+    let broker = OwnBroker::start();
+    let s = Setup::with_services(
+        "brokerhang",
+        common::Services {
+            brokers: broker.brokers.clone(),
+            ..around
+        },
+    );
+    s.db.user("owner@example.com", "owner");
+    s.db.room("room_1");
+    for i in 0..5 {
+        s.book(&format!("k{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    let worker = s.start_with(
+        "brokerhang",
+        &[
+            ("KAFKA_UNREACHABLE_READY_SECS", "5"),
+            ("KAFKA_STATS_INTERVAL_MS", "500"),
+        ],
+    );
+    s.wait_rows(5);
+    wait_for("ready", WAIT, || {
+        http_get(&worker.metrics_addr, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    let gauge = |name: &str| {
+        let text = http_get(&worker.metrics_addr, "/metrics").unwrap().1;
+        metric_sum(&parse_prometheus(&text), name, &[])
+    };
+    wait_for("a broker up", WAIT, || gauge("booking_worker_kafka_brokers_up") >= 1.0);
+    assert!(gauge("booking_worker_kafka_last_contact_age_seconds") < 5.0);
+
+    let frozen = Frozen::new(vec![broker.pid()]);
+    let readyz = poll_endpoints_for(&worker.metrics_addr, Duration::from_secs(20));
+    let age = gauge("booking_worker_kafka_last_contact_age_seconds");
+    drop(frozen);
+    let (_, _, body) = readyz
+        .iter()
+        .find(|(_, status, _)| *status == 503)
+        .unwrap_or_else(|| panic!("/readyz never said 503: {readyz:?}"));
+    assert!(body.contains("kafka: no broker has answered"), "{body}");
+    assert!(age >= 5.0, "the last contact was {age} s ago");
+
+    wait_for("ready again", WAIT, || {
+        http_get(&worker.metrics_addr, "/readyz").is_some_and(|(c, _)| c == 200)
+    });
+    assert!(gauge("booking_worker_kafka_last_contact_age_seconds") < 5.0);
+    for i in 5..10 {
+        s.book(&format!("k{i}"), "owner", "room_1");
+    }
+    s.producer.flush();
+    assert_each_booking_once(&s, 10);
     assert_eq!(worker.terminate(WAIT), 0);
 }

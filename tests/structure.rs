@@ -1,6 +1,8 @@
 //! The shape of `src/`, checked without services: its modules form layers (each uses only those
 //! that `src/lib.rs` declares above it, so there is no import cycle), every file opens with a
-//! `//!` line saying what it is for, and every function fits on a screen.
+//! `//!` line saying what it is for, and every function fits on a screen; and the docs name what
+//! the code declares: the README's exit codes are `src/exit.rs`'s, every metric the docs name is
+//! one `src/metrics.rs` declares, and the README names every one of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -252,4 +254,93 @@ fn the_function_lengths_are_measured() {
                 pub(super) fn c() {\n}\npub(in crate::x) unsafe fn d() {\n}\n";
     let names = |f: Vec<(String, usize)>| f.into_iter().map(|(n, l)| format!("{n}:{l}")).collect::<Vec<_>>();
     assert_eq!(names(functions(text)), ["a:3", "b:6", "c:2", "d:2"]);
+}
+
+/// The rows of the README's table whose header line is `header`: each row's cells.
+fn readme_table(header: &str) -> Vec<Vec<String>> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut lines = readme.lines().skip_while(|l| l.trim() != header);
+    assert!(lines.next().is_some(), "the README has no table headed {header}");
+    lines
+        .skip(1) // the | --- | line
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.trim_matches('|').split(" | ").map(|c| c.trim().to_string()).collect())
+        .collect()
+}
+
+#[test]
+fn the_readme_lists_every_exit_code_the_code_declares_and_no_other() {
+    use booking_worker::exit::ExitStatus;
+    let documented: Vec<u8> = readme_table("| code | meaning |")
+        .iter()
+        .map(|row| row[0].parse().unwrap_or_else(|_| panic!("not a code: {row:?}")))
+        .collect();
+    let declared: Vec<u8> = ExitStatus::ALL.iter().map(|s| s.code()).collect();
+    assert_eq!(documented, declared, "the README's exit codes, in order");
+}
+
+/// The metric names `src/metrics.rs` declares: the name of each `(name, help)` constant.
+fn declared_metrics() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(src().join("metrics.rs")).unwrap();
+    text.split(": Describe = (")
+        .skip(1)
+        .map(|rest| {
+            rest.split('"')
+                .nth(1)
+                .expect("a Describe constant opens with its name")
+                .to_string()
+        })
+        .collect()
+}
+
+/// The names with the `booking_worker_` prefix that `text` mentions, each as a whole word.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    const PREFIX: &str = "booking_worker_";
+    let word = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_';
+    text.match_indices(PREFIX)
+        .filter(|(at, _)| !text[..*at].ends_with(word))
+        .map(|(at, _)| text[at..].split(|c| !word(c)).next().unwrap().to_string())
+        .collect()
+}
+
+/// The documents that name metrics: the READMEs and the crate docs.
+fn documents_naming_metrics() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    ["README.md", "tests/README.md", "scripts/README.md", "src/lib.rs"]
+        .iter()
+        .map(|path| (path.to_string(), std::fs::read_to_string(root.join(path)).unwrap()))
+        .collect()
+}
+
+#[test]
+fn every_metric_the_docs_name_exists_in_the_code() {
+    let declared = declared_metrics();
+    assert!(declared.len() > 10, "the metric table was not found: {declared:?}");
+    for (path, text) in documents_naming_metrics() {
+        for name in metric_names(&text) {
+            // A histogram's series carry a suffix of their own.
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|b| declared.contains(*b)))
+                .unwrap_or(&name);
+            assert!(
+                declared.contains(base),
+                "{path} names {name}, which src/metrics.rs does not declare"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_readme_names_every_metric_the_code_declares() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let missing: Vec<String> = declared_metrics().difference(&metric_names(&readme)).cloned().collect();
+    assert!(missing.is_empty(), "the README's metrics list lacks {missing:?}");
+}
+
+#[test]
+fn metric_names_are_found_as_whole_words() {
+    let text = "`booking_worker_ready`, booking_worker_halts_total{x}; not_booking_worker_a, BOOKING_WORKER_B";
+    let names: Vec<String> = metric_names(text).into_iter().collect();
+    assert_eq!(names, ["booking_worker_halts_total", "booking_worker_ready"]);
 }

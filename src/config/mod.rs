@@ -1,6 +1,19 @@
 //! The worker's configuration: the settings as declared in [`settings`] (read through clap from
-//! the environment, with the Go worker's names and defaults) and the `KAFKA_PROP_*` pass-through,
-//! checked together into a [`Config`]. Every refused value names its variable and what it accepts.
+//! the environment or the flags, with the Go worker's names and defaults) and the
+//! `KAFKA_PROP_*` pass-through, checked together into a [`Config`]. Every refused value names its
+//! variable and what it accepts.
+//!
+//! The finer rules (the README's Configuration section gives the rest):
+//! - an empty variable means its default, except `DB_PASSWORD`, where it is an empty password;
+//! - values are trimmed, except `DB_PASSWORD` and `DB_SSLROOTCERT`;
+//! - a value that is not UTF-8 is refused like any bad value;
+//! - the password is never logged, and `--help` shows no variable's current value.
+//!
+//! The librdkafka properties set here: those of the `KAFKA_*` settings, `queued.min.messages`
+//! 1000 (a partition is fetched again before its queue runs dry), and `receive.message.max.bytes`
+//! of at least 32 MiB, since librdkafka also caps a decompressed record batch with it (a 3 MiB
+//! record, compressed by its producer, would otherwise stall its partition for good). The
+//! `KAFKA_PROP_*` pass-through comes after them and replaces them.
 
 pub mod settings;
 
@@ -149,6 +162,9 @@ pub struct KafkaConfig {
     pub allow_auto_create_topics: bool,
     /// The consumer group protocol.
     pub group_protocol: GroupProtocol,
+    /// How long without an answer from any broker makes the worker not ready; `None` when the
+    /// client's statistics, which tell it, are turned off.
+    pub unreachable_ready_after: Option<Duration>,
 }
 
 /// Properties of the classic group protocol that librdkafka refuses under KIP-848's.
@@ -399,7 +415,13 @@ fn kafka_config(s: &Settings, properties: Vec<(String, String)>) -> Result<Kafka
             ));
         }
     }
+    let statistics_on = properties
+        .iter()
+        .rev()
+        .find(|(n, _)| n == "statistics.interval.ms")
+        .is_some_and(|(_, v)| v.trim() != "0");
     Ok(KafkaConfig {
+        unreachable_ready_after: statistics_on.then(|| Duration::from_secs(s.kafka_unreachable_ready_secs)),
         brokers: s.kafka_brokers.clone(),
         group_id: s.kafka_group_id.clone(),
         booking_topic: s.kafka_booking_topic.clone(),
@@ -531,6 +553,17 @@ mod tests {
         assert_eq!(c.database.sslmode, SslMode::Prefer);
         assert_eq!(c.metrics_addr, Some("0.0.0.0:9090".parse().unwrap()));
         assert_eq!(c.stats_log_interval, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn kafka_counts_as_unreachable_only_while_its_statistics_tell() {
+        let c = Config::from_vars(&[]).unwrap();
+        assert_eq!(c.kafka.unreachable_ready_after, Some(Duration::from_secs(60)));
+        let c = Config::from_vars(&vars(&[("KAFKA_UNREACHABLE_READY_SECS", "5")])).unwrap();
+        assert_eq!(c.kafka.unreachable_ready_after, Some(Duration::from_secs(5)));
+        let c = Config::from_vars(&vars(&[("KAFKA_STATS_INTERVAL_MS", "0")])).unwrap();
+        assert_eq!(c.kafka.unreachable_ready_after, None);
+        assert!(Config::from_vars(&vars(&[("KAFKA_UNREACHABLE_READY_SECS", "0")])).is_err());
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct Settings {
     /// librdkafka statistics (the consumer-lag metric), ms; 0 turns them off
     #[arg(long, env, default_value = "5000", value_parser = integer::<u64>(0, 86_400_000))]
     pub kafka_stats_interval_ms: u64,
+    /// Seconds without an answer from any broker before /readyz says not ready (needs the statistics)
+    #[arg(long, env, default_value = "60", value_parser = integer::<u64>(1, 86_400))]
+    pub kafka_unreachable_ready_secs: u64,
     /// Writer threads
     #[arg(long, env, default_value = "2", value_parser = integer::<usize>(1, 256))]
     pub writer_threads: usize,

@@ -2,9 +2,48 @@
 //! expiry of parked cancellations. A whole batch is applied in one transaction, and every record in
 //! it gets exactly one [`Outcome`].
 //!
-//! The rules (see the README's Architecture section): idempotent by booking id; only the owner
-//! cancels; only Accepted becomes Cancelled; a cancellation that arrives before its booking is
-//! parked and applied when the booking is created; bookings are serialized by advisory locks.
+//! # The batch transaction, step by step
+//!
+//! 1. `pg_advisory_xact_lock(hashtextextended(booking_id, 0))` for every booking id of the batch, in
+//!    sorted order, so two events for one booking never race, even across worker instances.
+//! 2. Records already dead-lettered (same topic, partition and offset) stay dead letters: their end
+//!    is `already_dead_lettered`. Only `dead-letters replay` applies them, on purpose.
+//! 3. Users and rooms are resolved in bulk.
+//! 4. Bookings whose external id matches no row adopt the Go worker's matching row (below).
+//! 5. A page of the parked cancellations of the batch's bookings is taken out.
+//! 6. Bookings are inserted `ON CONFLICT (external_id) DO NOTHING`. A booking that one of those
+//!    cancellations, or one in the batch, cancels (by the rules of `cancel`, against the booking as
+//!    it is created) is inserted as Cancelled instead of inserted and updated; the outcomes and logs
+//!    are the same.
+//! 7. Cancellations are applied, parked, or dead-lettered.
+//! 8. The circuit breaker looks at the batch's refusals; then the writer commits.
+//!
+//! Record isolation: the booking rows are inserted under a savepoint. When the server refuses them
+//! with a record-class SQLSTATE (see `crate::database`), they are inserted again one by one, each
+//! under its own savepoint: a refused row is rolled back alone and its record dead-lettered as
+//! `database_rejected`, with the server's message and SQLSTATE, in the transaction that applies the
+//! rest of the batch.
+//!
+//! # Adopting the Go worker's rows
+//!
+//! A booking event whose external id matches no row adopts a row with no external id and the same
+//! user, room, number of guests and payment id, whose dates are each either the day written in the
+//! event or the day the server's `TimeZone` gives the event's timestamp. (The Go worker bound the
+//! timestamp itself to the `DATE` column, so the server's time zone picked the day:
+//! `2025-01-15T23:30:00-05:00` is the 16th on a server in UTC.) The worker sets that row's
+//! `external_id` and changes nothing else: status, dates, `created_at` and `updated_at` stay. Of
+//! several matching rows, the lowest id not yet adopted is taken; two events that match one row
+//! adopt it once, and the second is inserted. The partial index `bookings_legacy_match_idx` keeps
+//! the look-up cheap, and the worker's own rows, which always carry an external id, never enter it.
+//! `ADOPT_LEGACY_ROWS=false` turns adoption off.
+//!
+//! # Parked cancellations
+//!
+//! A cancellation whose booking does not exist yet is parked (see `crate::repository`) and applied
+//! in the transaction that creates the booking. What later becomes of a parked cancellation
+//! (applied, expired, unauthorized) is logged with an `outcome` field. Parked cancellations older
+//! than `PENDING_CANCELLATION_TTL_SECS` expire into dead letters as `cancellation_expired`, checked
+//! every `PENDING_CHECK_INTERVAL_SECS` by the `housekeeping` thread.
 
 mod cancel;
 mod plan;

@@ -1,11 +1,42 @@
 //! The worker's own migrations (`sql/migrations/`), applied online: the shared database is live
 //! while they run.
 //!
-//! Each statement runs on its own under a short `lock_timeout` and is retried when the lock is
-//! not granted in time, so booking-management's writes queue behind it for at most that long. An
-//! index is built `CONCURRENTLY`, outside any transaction; an `INVALID` index left by a failed
-//! build is dropped and built again. A session advisory lock, taken by polling, keeps two worker
-//! instances from migrating at once.
+//! | migration | what it adds |
+//! | --- | --- |
+//! | `0001_booking_worker` | `bookings.external_id VARCHAR(255)` and its unique index `bookings_external_id_key`; `booking_worker.dead_letters` and `booking_worker.pending_cancellations` with their indexes |
+//! | `0002_dead_letter_sqlstate` | `booking_worker.dead_letters.sqlstate CHAR(5)` |
+//! | `0003_legacy_match_index` | the partial index `bookings_legacy_match_idx` on `bookings (room_id, user_id) WHERE external_id IS NULL`, for the adoption of the Go worker's rows |
+//!
+//! How they stay online:
+//! - Each statement runs on its own, with no statement timeout and a `lock_timeout` of
+//!   `DB_MIGRATION_LOCK_TIMEOUT_MS` (2 s). A lock not granted in time, or a deadlock, is retried
+//!   with backoff, so booking-management's writes queue behind it for at most that long.
+//! - An index on `bookings` is built `CONCURRENTLY`, outside any transaction. An `INVALID` index
+//!   left by a failed build is dropped (`DROP INDEX CONCURRENTLY`) and built again; a valid one is
+//!   left alone.
+//! - A session advisory lock keeps two worker instances from migrating at once. It is taken by
+//!   polling (`pg_try_advisory_lock`), so no statement waits inside the server while another
+//!   instance builds an index. `booking-worker migrate` gives up after 10 minutes of waiting
+//!   (exit 3); `run` keeps waiting.
+//! - Every statement can run twice (`IF NOT EXISTS`), so a migration interrupted half-way is run
+//!   again. A migration is recorded in `booking_worker.schema_migrations` once all its statements
+//!   ran.
+//! - They are refused with a clear error when booking-management's tables do not exist.
+//!
+//! When they run:
+//! - `DB_MIGRATE=auto` (the default): `run` applies pending migrations at start-up, after waiting
+//!   for the database.
+//! - `DB_MIGRATE=off`, or a role without the rights (SQLSTATE `42501`): `run` refuses to start with
+//!   exit 7 and an error that names the pending migrations and the remedy: run
+//!   `booking-worker migrate` as the owner of booking-management's tables, then start the worker
+//!   again. `migrate` run by a role without the rights exits 7 as well.
+//! - Once nothing is pending, `run` needs only the run-time privileges, with either setting. So run
+//!   `booking-worker migrate` as the owner before rolling out a version that brings a new migration,
+//!   and the workers can run under a role that has nothing more.
+//!
+//! Applying them needs more than running: ownership of `bookings` (to add the column and build its
+//! index) and of the `booking_worker` tables (the role that ran the first migration owns them), and
+//! `CREATE` on the database (to create the schema).
 
 use crate::database::{Backoff, DbError, ErrorClass};
 use postgres::types::Type;

@@ -7,7 +7,51 @@
 //! parse, bind and execute travel together, with no separate prepare round trip. Every value is a
 //! bound parameter; nothing from an event is ever spliced into SQL text. `created_at` and
 //! `updated_at` come from the server's clock (`now()`), in the server's time zone, exactly as
-//! booking-management's own column defaults set them.
+//! booking-management's own column defaults set them. The worker caches nothing beyond the batch in
+//! hand.
+//!
+//! # The tables
+//!
+//! The worker never creates or rewrites booking-management's tables. `sql/schema.sql` is their
+//! schema exactly as production has it (types, widths, nullability, defaults, constraints, the six
+//! indexes); only the local scripts and the tests load it, so that they meet what production runs.
+//! The worker's migrations (`migrations`) add only:
+//! - `bookings.external_id` and its unique index `bookings_external_id_key`;
+//! - the partial index `bookings_legacy_match_idx`, which holds only the rows without an external id
+//!   (the Go worker's), for their adoption;
+//! - the schema `booking_worker` with `dead_letters`, `pending_cancellations` and
+//!   `schema_migrations`.
+//!
+//! # Dead letters
+//!
+//! A record that cannot be applied is stored in `booking_worker.dead_letters`, then logged at warn
+//! level. One row per record, unique by topic, partition and offset, so a replay of the log finds it
+//! and keeps it a dead letter.
+//!
+//! | column | what it holds |
+//! | --- | --- |
+//! | `id` | the dead letter's id (`dead-letters list --id`, `replay --id`) |
+//! | `topic`, `kafka_partition`, `kafka_offset` | where the record is in Kafka |
+//! | `record_key`, `payload` | the record's key and raw payload, whole |
+//! | `baggage` | its `Baggage` header, when it had one |
+//! | `booking_id` | the booking id, when it could be read |
+//! | `reason` | the reason code (see `crate::models`) |
+//! | `error` | a human-readable error; for `database_rejected`, the server's message |
+//! | `sqlstate` | for `database_rejected`, the server's SQLSTATE |
+//! | `created_at` | when it was dead-lettered |
+//! | `replayed_at` | when `dead-letters replay` brought it to another end |
+//!
+//! ```sql
+//! SELECT id, reason, sqlstate, error, topic, kafka_partition, kafka_offset, convert_from(payload, 'UTF8')
+//!   FROM booking_worker.dead_letters ORDER BY id DESC LIMIT 20;
+//! ```
+//!
+//! # Parked cancellations
+//!
+//! A cancellation that arrives before its booking waits in `booking_worker.pending_cancellations`,
+//! one row per record (unique by topic, partition and offset). A booking takes its parked
+//! cancellations out in pages of 500 (a booking with more gets the rest in further transactions of
+//! its writer), and the expiry takes them out in pages too, so memory stays bounded.
 
 pub mod migrations;
 

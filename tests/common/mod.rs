@@ -3,6 +3,8 @@
 //! log lines captured, and a TCP proxy that can cut the database away.
 #![allow(dead_code)]
 
+pub mod own;
+
 use postgres::{Client, NoTls, Row};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
@@ -883,16 +885,20 @@ pub struct Setup {
 
 impl Setup {
     pub fn new(tag: &str) -> Option<Setup> {
-        let services = services()?;
+        Some(Setup::with_services(tag, services()?))
+    }
+
+    /// A setup on these services (a broker or a database of the test's own, say).
+    pub fn with_services(tag: &str, services: Services) -> Setup {
         let db = TestDb::create(&services, tag);
-        Some(Setup {
+        Setup {
             producer: TestProducer::new(&services),
             bookings: unique(&format!("booking-events-{tag}")),
             cancels: unique(&format!("booking-cancellations-{tag}")),
             group: unique(&format!("group-{tag}")),
             services,
             db,
-        })
+        }
     }
 
     pub fn env(&self) -> Vec<(String, String)> {

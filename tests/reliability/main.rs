@@ -23,8 +23,8 @@ mod publisher;
 mod scenario;
 
 use chrono::Utc;
+use common::own::OwnBroker;
 use common::{CuttableProxy, WAIT};
-use processes::OwnBroker;
 use scenario::Scenario;
 use std::time::{Duration, Instant};
 
