@@ -367,4 +367,10 @@ fn check_dashboard(prometheus: &Prometheus, instance: &str, topic: &str) {
         "an RSS"
     );
     assert!(panel("CPU").iter().any(|s| value(s) >= 0.0), "a CPU rate");
+    assert!(
+        panel("Kafka brokers")
+            .iter()
+            .any(|s| s["metric"]["__name__"] == "booking_worker_kafka_brokers_up" && value(s) >= 1.0),
+        "a broker up"
+    );
 }
