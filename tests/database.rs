@@ -8,7 +8,7 @@ mod common;
 
 use booking_worker::config::Config;
 use booking_worker::database::{ErrorClass, Pool};
-use common::{booking_json, http_get, metric_sum, parse_prometheus, wait_for, worker_role, Setup, TestDb, WAIT};
+use common::{booking_json, http_get, metric_sum, parse_prometheus, wait_for, Setup, TestDb, WAIT};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use std::process::Command;
@@ -72,7 +72,7 @@ fn halts_and_resumes(tag: &str, sqlstate: &str, role: bool, break_it: &str, mend
     let mut extra = vec![("RETRY_MAX_BACKOFF_MS".to_string(), "500".to_string())];
     let (mut break_it, mut mend_it) = (break_it.to_string(), mend_it.to_string());
     if role {
-        let (user, password) = worker_role(&s.db);
+        let (user, password) = s.db.worker_role();
         break_it = break_it.replace("{role}", &user);
         mend_it = mend_it.replace("{role}", &user);
         extra.push(("DB_USER".into(), user));
@@ -158,7 +158,7 @@ fn a_systemic_error_at_start_up_halts_until_it_clears() {
     let Some(s) = Setup::new("halt_start") else { return };
     s.db.user("owner@example.com", "owner");
     s.db.room("room_1");
-    let (role, password) = worker_role(&s.db);
+    let (role, password) = s.db.worker_role();
     s.db.exec(&format!("REVOKE USAGE ON SCHEMA booking_worker FROM {role}"));
     let mut worker = s.start_with(
         "halt_start",
@@ -582,7 +582,7 @@ fn a_pending_migration_the_worker_may_not_apply_refuses_the_start_with_exit_7() 
     assert!(log.contains("DB_MIGRATE=off"), "{log}");
     assert!(!fresh.value::<bool>("SELECT to_regnamespace('booking_worker') IS NOT NULL"));
 
-    let (role, password) = worker_role(&fresh);
+    let (role, password) = fresh.worker_role();
     let mut limited = env.clone();
     limited.push(("DB_USER".into(), role));
     limited.push(("DB_PASSWORD".into(), password));

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{free_local_addr, http_get, unique, wait_for, worker_role, Setup, WAIT};
+use common::{free_local_addr, http_get, unique, wait_for, Setup, WAIT};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -159,7 +159,7 @@ fn a_revoked_grant_fires_the_halted_alert_and_the_grant_resolves_it() {
     let Some(s) = Setup::new("mon_halt") else { return };
     s.db.user("owner@example.com", "owner");
     s.db.room("room_1");
-    let (role, password) = worker_role(&s.db);
+    let (role, password) = s.db.worker_role();
     let worker = s.start_with(
         "mon_halt",
         &[

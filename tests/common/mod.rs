@@ -131,6 +131,27 @@ impl TestDb {
         self.services.connect(&self.name)
     }
 
+    /// A login role with exactly the rights the worker needs at run time.
+    pub fn worker_role(&self) -> (String, String) {
+        let role = unique("bw_role").to_lowercase();
+        let password = "worker-pw".to_string();
+        self.exec(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+             GRANT USAGE ON SCHEMA public TO {role};
+             GRANT SELECT ON users, rooms TO {role};
+             GRANT SELECT, INSERT, UPDATE ON bookings TO {role};
+             GRANT USAGE ON SEQUENCE bookings_id_seq TO {role};
+             DO $$ BEGIN
+               IF to_regnamespace('booking_worker') IS NOT NULL THEN
+                 EXECUTE 'GRANT USAGE ON SCHEMA booking_worker TO {role}';
+                 EXECUTE 'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA booking_worker TO {role}';
+                 EXECUTE 'GRANT USAGE ON ALL SEQUENCES IN SCHEMA booking_worker TO {role}';
+               END IF;
+             END $$;"
+        ));
+        (role, password)
+    }
+
     pub fn exec(&self, sql: &str) {
         self.conn()
             .batch_execute(sql)
@@ -272,27 +293,6 @@ impl Drop for TestDb {
             let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name));
         }
     }
-}
-
-/// A login role with exactly the rights the worker needs at run time.
-pub fn worker_role(db: &TestDb) -> (String, String) {
-    let role = unique("bw_role").to_lowercase();
-    let password = "worker-pw".to_string();
-    db.exec(&format!(
-        "CREATE ROLE {role} LOGIN PASSWORD '{password}';
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT ON users, rooms TO {role};
-         GRANT SELECT, INSERT, UPDATE ON bookings TO {role};
-         GRANT USAGE ON SEQUENCE bookings_id_seq TO {role};
-         DO $$ BEGIN
-           IF to_regnamespace('booking_worker') IS NOT NULL THEN
-             EXECUTE 'GRANT USAGE ON SCHEMA booking_worker TO {role}';
-             EXECUTE 'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA booking_worker TO {role}';
-             EXECUTE 'GRANT USAGE ON ALL SEQUENCES IN SCHEMA booking_worker TO {role}';
-           END IF;
-         END $$;"
-    ));
-    (role, password)
 }
 
 impl Services {
