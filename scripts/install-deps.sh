@@ -12,6 +12,11 @@
 #     podman with runc, slirp4netns, uidmap, fuse-overlayfs and catatonit, and
 #     debootstrap with debian-archive-keyring for the local stand-in of
 #     debian:bookworm-slim (no image registry is needed)
+#   - Prometheus and promtool (Debian's prometheus package): the unit tests
+#     of the alert rules and the dashboard test (scripts/monitoring/,
+#     tests/monitoring.rs). The package would start and enable its own
+#     server on port 9090; it is installed with service starts refused, and
+#     its unit disabled, since the tests start theirs on free ports
 #   - rustup components rustfmt and clippy
 # Idempotent and quick when everything is present: each item is checked first,
 # and `apt-get update` runs at most once, only if something is missing.
@@ -94,12 +99,52 @@ if [[ "$build_only" -eq 0 ]]; then
             missing+=("$pkg")
         fi
     done
+    # The monitoring tests (see the header).
+    if ! { have prometheus && have promtool; }; then
+        missing+=(prometheus)
+    fi
 fi
+
+# apt_install with every service start refused (policy-rc.d exit 101, unless a
+# policy is in place already), then the packages' units disabled: for
+# packages whose own server the tests must not find running.
+apt_install_stopped() {
+    local policy=/usr/sbin/policy-rc.d pkg
+    [[ $# -gt 0 ]] || return 0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\n# Written by booking-worker install-deps.sh for one install.\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt_install "$@"
+    if [[ -e "$policy" ]] && grep -q 'booking-worker install-deps.sh' "$policy"; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    # systemctl disables a unit without a running systemd too.
+    have systemctl || return 0
+    for pkg in "$@"; do
+        systemctl disable "$pkg.service" >/dev/null 2>&1 || warn "could not disable $pkg.service"
+        if [[ -d /run/systemd/system ]]; then
+            systemctl stop "$pkg.service" >/dev/null 2>&1 || true
+        fi
+    done
+}
 
 if [[ ${#missing[@]} -gt 0 ]]; then
     if is_root && have apt-get; then
         log "missing: ${missing[*]}"
-        apt_install "${missing[@]}"
+        plain=()
+        stopped=()
+        for pkg in "${missing[@]}"; do
+            if [[ "$pkg" == prometheus ]]; then
+                stopped+=("$pkg")
+            else
+                plain+=("$pkg")
+            fi
+        done
+        apt_install "${plain[@]}"
+        apt_install_stopped "${stopped[@]}"
     else
         die "missing packages: ${missing[*]} (run this script as root, or: sudo apt-get install ${missing[*]})"
     fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one test command for booking-worker: provides Kafka and PostgreSQL,
-# runs `cargo test --all-targets --locked --features failpoints "$@"`, and stops exactly what it
-# started (on success, failure or Ctrl-C).
+# The one test command for booking-worker: checks the alert rules and runs
+# their unit tests with promtool (scripts/monitoring/), provides Kafka and
+# PostgreSQL, runs `cargo test --all-targets --locked --features failpoints "$@"`, and stops
+# exactly what it started (on success, failure or Ctrl-C).
 #
 # Usage: scripts/test.sh [extra cargo test arguments, e.g. -- --nocapture]
 #
@@ -34,6 +35,15 @@ session_on_exit() {
     log "finished in $((SECONDS / 60))m$((SECONDS % 60))s (exit $1)"
 }
 session_begin test
+
+# The alert rules before anything is started: a missing promtool fails the run, as a missing
+# service does (scripts/install-deps.sh installs Debian's prometheus package, which has it).
+have promtool || die "promtool not found: run scripts/install-deps.sh (Debian: apt-get install prometheus)"
+log "promtool check rules, test rules: scripts/monitoring/"
+promtool check rules "$ROOT_DIR/scripts/monitoring/alerts.yml" >&2 ||
+    die "promtool check rules scripts/monitoring/alerts.yml failed"
+promtool test rules "$ROOT_DIR/scripts/monitoring/alerts_test.yml" >&2 ||
+    die "promtool test rules scripts/monitoring/alerts_test.yml failed"
 
 session_isolated_services
 

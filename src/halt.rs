@@ -11,7 +11,7 @@ use crate::database::{remedy, DbError};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -170,6 +170,8 @@ impl Halt {
 pub struct Breaker {
     limit: u32,
     consecutive: AtomicU32,
+    /// Tripped, and no record has gone through since.
+    open: AtomicBool,
 }
 
 impl Breaker {
@@ -178,6 +180,7 @@ impl Breaker {
         Breaker {
             limit,
             consecutive: AtomicU32::new(0),
+            open: AtomicBool::new(false),
         }
     }
 
@@ -205,8 +208,16 @@ impl Breaker {
                 self.consecutive.fetch_add(1, Ordering::SeqCst);
             } else {
                 self.consecutive.store(0, Ordering::SeqCst);
+                self.open.store(false, Ordering::SeqCst);
             }
         }
+    }
+
+    /// The breaker refused a batch or a dead letter: true when that is a new trip, false while it
+    /// is still open from the last one (the refused batch is retried, and refused again, until a
+    /// record goes through).
+    pub fn trip(&self) -> bool {
+        !self.open.swap(true, Ordering::SeqCst)
     }
 
     pub fn limit(&self) -> u32 {
@@ -297,5 +308,16 @@ mod tests {
             Breaker::new(0).allows(std::iter::repeat_n(true, 1000)),
             "zero never trips"
         );
+    }
+
+    #[test]
+    fn a_trip_is_new_only_after_a_record_went_through() {
+        let b = Breaker::new(1);
+        assert!(b.trip());
+        assert!(!b.trip(), "a retry of the refused batch is the same trip");
+        b.committed([true].into_iter());
+        assert!(!b.trip(), "a refused record does not close the breaker");
+        b.committed([false].into_iter());
+        assert!(b.trip(), "a record went through: the next refusal is a new trip");
     }
 }

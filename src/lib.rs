@@ -183,7 +183,9 @@
 //! - `booking_worker_db_transactions_total{result}`: one per attempt, `committed`,
 //!   `transient_error`, `systemic_error` (also a batch held back by the circuit breaker) or
 //!   `record_error`; `booking_worker_batch_size`: records per committed batch.
-//! - `booking_worker_halted` and `booking_worker_halts_total`: see `halt`.
+//! - `booking_worker_halted`, `booking_worker_halts_total` and
+//!   `booking_worker_circuit_breaker_trips_total` (the halts the circuit breaker caused, each trip
+//!   once however often its batch is retried): see `halt`.
 //! - `booking_worker_consumer_lag{topic,partition}`: librdkafka's `consumer_lag_stored`.
 //! - `booking_worker_dead_letters_total{reason}` (including expired parked cancellations and
 //!   released unauthorized ones), `booking_worker_parked_cancellations`,

@@ -67,6 +67,10 @@ const HALTS: Describe = (
     "booking_worker_halts_total",
     "Times the worker halted on a systemic database error or a tripped circuit breaker.",
 );
+const BREAKER_TRIPS: Describe = (
+    "booking_worker_circuit_breaker_trips_total",
+    "Times the circuit breaker tripped: more than DB_REJECT_HALT_AFTER records in a row refused by the database.",
+);
 
 const READY: Describe = (
     "booking_worker_ready",
@@ -98,6 +102,7 @@ pub struct Metrics {
     released: IntCounter,
     halted: IntGauge,
     halts: IntCounter,
+    breaker_trips: IntCounter,
     ready: IntGauge,
     kafka_brokers_up: IntGauge,
     kafka_contact_age: Gauge,
@@ -129,6 +134,7 @@ impl Metrics {
             released: registered(&r, IntCounter::new(RELEASED.0, RELEASED.1)),
             halted: gauge(&r, HALTED),
             halts: registered(&r, IntCounter::new(HALTS.0, HALTS.1)),
+            breaker_trips: registered(&r, IntCounter::new(BREAKER_TRIPS.0, BREAKER_TRIPS.1)),
             ready: gauge(&r, READY),
             kafka_brokers_up: gauge(&r, KAFKA_BROKERS_UP),
             kafka_contact_age: registered(&r, Gauge::new(KAFKA_CONTACT_AGE.0, KAFKA_CONTACT_AGE.1)),
@@ -199,6 +205,11 @@ impl Metrics {
     /// The worker halted: one more halt.
     pub fn count_halt(&self) {
         self.halts.inc();
+    }
+
+    /// The circuit breaker tripped (it halts the worker, which [`Metrics::count_halt`] counts too).
+    pub fn count_breaker_trip(&self) {
+        self.breaker_trips.inc();
     }
 
     /// Whether the worker is halted now.
@@ -385,6 +396,45 @@ mod tests {
             (s.consumed, s.applied, s.noop, s.parked_events, s.dead_lettered),
             (5, 2, 1, 1, 1)
         );
+    }
+
+    #[test]
+    fn breaker_trips_are_exported_from_zero() {
+        let m = Metrics::new();
+        assert!(m.render().contains("\nbooking_worker_circuit_breaker_trips_total 0\n"));
+        m.count_breaker_trip();
+        m.count_breaker_trip();
+        assert!(m.render().contains("\nbooking_worker_circuit_breaker_trips_total 2\n"));
+    }
+
+    /// The alert on restarts and the dashboard's memory and CPU panels read these.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_process_metrics_are_exported() {
+        let text = Metrics::new().render();
+        for name in [
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+        ] {
+            let value: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+                .parse()
+                .unwrap();
+            assert!(value >= 0.0, "{name} {value}");
+        }
+        let started = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_start_time_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(started > 1.5e9 && started <= now, "started at {started}");
     }
 
     #[test]

@@ -430,9 +430,12 @@ impl Writer {
         result
     }
 
-    /// The systemic error a tripped circuit breaker halts with.
+    /// The systemic error a tripped circuit breaker halts with; a new trip is counted.
     fn breaker_error(&self, refusal: &DbError) -> DbError {
         let breaker = self.halt.breaker();
+        if breaker.trip() {
+            self.metrics.count_breaker_trip();
+        }
         DbError {
             class: ErrorClass::Systemic,
             sqlstate: refusal.sqlstate.clone(),

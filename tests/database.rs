@@ -381,6 +381,7 @@ fn a_not_null_column_trips_the_circuit_breaker_and_nothing_more_is_dead_lettered
         (1..=25).contains(&at_halt),
         "{at_halt} dead letters before the breaker tripped"
     );
+    assert_eq!(metric(&worker, "booking_worker_circuit_breaker_trips_total"), 1.0);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         s.db.dead_letters().len(),
@@ -399,6 +400,11 @@ fn a_not_null_column_trips_the_circuit_breaker_and_nothing_more_is_dead_lettered
     });
     wait_for("/readyz to be 200 again", WAIT, || readyz(&worker).0 == 200);
     assert_eq!(s.db.dead_letters().len(), at_halt);
+    assert_eq!(
+        metric(&worker, "booking_worker_circuit_breaker_trips_total"),
+        1.0,
+        "the retries of the refused records are the same trip"
+    );
     assert_eq!(worker.terminate(WAIT), 0);
 }
 
