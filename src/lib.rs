@@ -42,8 +42,11 @@ pub mod readiness;
 
 pub mod repository;
 
-// The stages, in the data's order: handlers, writers, the consumer; and the HTTP endpoint.
+// The stages, in the data's order: handlers, the observer of each end, writers, the consumer; and
+// the HTTP endpoint.
 pub mod handlers;
+
+pub mod observe;
 
 pub mod writer;
 

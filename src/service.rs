@@ -13,7 +13,7 @@ use crate::readiness::{self, BrokerLink, DatabaseAnswers, DatabaseProbe, Readine
 use crate::repository::{self, MigrateError};
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterPool, WriterWiring};
-use crate::{align, budget, handlers, http, kafka, logger, writer};
+use crate::{align, budget, handlers, http, kafka, observe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -310,20 +310,11 @@ fn spawn_housekeeping(
     })
 }
 
+/// Expires parked cancellations into dead letters, a page per transaction (each committed page is
+/// logged and counted), and sets the parked gauge.
 fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
-    let mut log_page = |page: &[repository::ParkedCancellation]| {
-        metrics.record_expired(page.len());
-        logger::in_one_write(|| {
-            for p in page {
-                logger::with_event(writer::parked_scope(p), || {
-                    log::warn!(outcome = "dead_lettered", reason = "cancellation_expired";
-                        "parked cancellation expired; dead-lettered")
-                });
-            }
-        });
-    };
     let result = pool.get().and_then(|mut conn| {
-        handlers::expire_parked(conn.client(), ttl, &mut log_page)?;
+        handlers::expire_parked(conn.client(), ttl, &mut |page| observe::parked_expired(metrics, page))?;
         repository::count_parked(conn.client())
     });
     match result {

@@ -13,12 +13,12 @@ use crate::database::{Backoff, DbError, ErrorClass, Pool};
 use crate::halt::Halt;
 use crate::handlers::{self, BatchResult};
 use crate::health::Health;
-use crate::logger::{self, EventScope};
+use crate::logger;
 use crate::metrics::Metrics;
-use crate::models::{Event, Reason, Rejection};
+use crate::models::{Reason, Rejection};
+use crate::observe;
 use crate::offsets::OffsetTracker;
-use crate::pipeline::{Outcome, Work};
-use crate::repository::ParkedCancellation;
+use crate::pipeline::{End, Work};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender};
 use std::sync::Arc;
@@ -242,7 +242,7 @@ impl Writer {
                 Ok(result) => {
                     self.log_result(&[], &result);
                     // A page that only parked again (its booking is gone) makes no progress.
-                    let progress = result.released.iter().any(|(_, o)| *o != Outcome::Parked);
+                    let progress = result.released.iter().any(|(_, o)| *o != End::Parked);
                     refs = if progress { result.more_parked } else { Vec::new() };
                 }
                 Err(Stop::Abandoned) => return Err(()),
@@ -316,27 +316,17 @@ impl Writer {
         }
     }
 
-    /// Logs and counts the end of every record of a committed batch.
+    /// Logs and counts the end of every record of a committed batch, and the outcome of every
+    /// parked cancellation it released.
     fn log_result(&self, batch: &[Work], result: &BatchResult) {
         self.halt.breaker().committed(result.outcomes.iter().map(is_refusal));
         logger::in_one_write(|| {
             let now_ms = chrono::Utc::now().timestamp_millis();
-            for (work, outcome) in batch.iter().zip(&result.outcomes) {
-                let meta = work.meta();
-                let seconds = meta.received_at.elapsed().as_secs_f64();
-                let since_produced = meta.produced_at_ms.map(|t| (now_ms - t).max(0) as f64 / 1000.0);
-                self.metrics.record_end(
-                    &meta.tp.topic,
-                    work.event().map(Event::kind),
-                    outcome,
-                    seconds,
-                    since_produced,
-                );
-                logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0));
+            for (work, end) in batch.iter().zip(&result.outcomes) {
+                observe::record_ended(&self.metrics, work, end, now_ms);
             }
-            for (parked, outcome) in &result.released {
-                self.metrics.record_released(outcome);
-                logger::with_event(parked_scope(parked), || log_released(outcome));
+            for (parked, end) in &result.released {
+                observe::parked_released(&self.metrics, parked, end);
             }
         })
     }
@@ -386,7 +376,7 @@ impl Writer {
                 return Ok(());
             }
             let last = result.outcomes.iter().rev().find_map(|o| match o {
-                Outcome::DeadLettered(r) if r.reason == Reason::DatabaseRejected => Some(r),
+                End::DeadLettered(r) if r.reason == Reason::DatabaseRejected => Some(r),
                 _ => None,
             });
             let error = DbError {
@@ -450,55 +440,6 @@ impl Writer {
 }
 
 /// Whether an end is a record the database refused (what the circuit breaker counts).
-fn is_refusal(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::DeadLettered(r) if r.reason == Reason::DatabaseRejected)
-}
-
-/// The log scope of a parked cancellation: the record it came from.
-pub fn parked_scope(parked: &ParkedCancellation) -> EventScope {
-    EventScope {
-        topic: parked.record.topic.clone(),
-        partition: parked.record.kafka_partition,
-        offset: parked.record.kafka_offset,
-        booking_id: Some(parked.booking_ref.clone()),
-        baggage: parked.record.baggage.clone(),
-    }
-}
-
-/// The one `end` line of a consumed record.
-fn log_outcome(outcome: &Outcome, latency_ms: f64) {
-    let end = outcome.as_str();
-    match outcome {
-        Outcome::Created { id } => log::info!(end, row_id = id, latency_ms; "booking created"),
-        Outcome::Adopted { id } => {
-            log::info!(end, row_id = id, latency_ms; "booking adopted: the Go worker's row now carries its external id")
-        }
-        Outcome::Duplicate => log::info!(end, latency_ms; "booking already exists; duplicate ignored"),
-        Outcome::Cancelled { id } => log::info!(end, row_id = id, latency_ms; "booking cancelled"),
-        Outcome::AlreadyCancelled { id } => {
-            log::warn!(end, row_id = id, latency_ms; "booking already cancelled; nothing changed")
-        }
-        Outcome::Parked => log::info!(end, latency_ms; "booking not found yet; cancellation parked"),
-        Outcome::AlreadyDeadLettered => {
-            log::info!(end, latency_ms; "record was dead-lettered before; nothing changed")
-        }
-        Outcome::DeadLettered(r) => {
-            log::warn!(end, reason = r.reason.as_str(), error = r.error.as_str(),
-                sqlstate = r.sqlstate.as_deref().unwrap_or(""), latency_ms; "record dead-lettered")
-        }
-    }
-}
-
-/// What became of a parked cancellation when its booking arrived. Its record's `end` (parked) was
-/// logged when it was consumed, so this line says `outcome`, not `end`.
-fn log_released(outcome: &Outcome) {
-    let outcome_name = outcome.as_str();
-    match outcome {
-        Outcome::Cancelled { id } => {
-            log::info!(outcome = outcome_name, row_id = id; "parked cancellation applied to its booking")
-        }
-        Outcome::DeadLettered(r) => log::warn!(outcome = outcome_name, reason = r.reason.as_str(),
-            error = r.error.as_str(); "parked cancellation dead-lettered"),
-        other => log::warn!(outcome = other.as_str(); "parked cancellation released; nothing changed"),
-    }
+fn is_refusal(outcome: &End) -> bool {
+    matches!(outcome, End::DeadLettered(r) if r.reason == Reason::DatabaseRejected)
 }
