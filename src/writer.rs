@@ -3,7 +3,7 @@
 //! tracker and release their bytes. What a failed batch does depends on the class of its error: a
 //! transient one is retried with capped, jittered backoff; a systemic one halts the worker (see
 //! [`crate::halt`]) while the same batch is retried; a record's own refusal sets that record apart
-//! as a dead letter. The state machine that brings a batch to its end is in [`batch`].
+//! as a dead letter. The state machine that brings a batch to its end is in `writer/batch.rs`.
 //!
 //! Records of one booking id always go to the same writer, so they are applied in the order they
 //! were consumed. Closing the channels (dropping every [`Dispatcher`]) drains and stops the pool.
