@@ -9,7 +9,7 @@ use crate::kafka::{self, TopicTable};
 use crate::models::EventKind;
 use crate::models::Reason;
 use crate::offsets::TopicPartition;
-use crate::pipeline::{Outcome, RecordMeta, Work};
+use crate::pipeline::{End, RecordMeta, Work};
 use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::time::{Duration, Instant};
@@ -170,12 +170,7 @@ pub fn list_dead_letters(config: &Config, selection: &Selection, out: &mut dyn s
 }
 
 /// Applies one dead letter again, on purpose, and marks it replayed or notes its new failure.
-fn replay_one(
-    pool: &Pool,
-    config: &Config,
-    row: &StoredDeadLetter,
-    kind: EventKind,
-) -> Result<Option<Outcome>, DbError> {
+fn replay_one(pool: &Pool, config: &Config, row: &StoredDeadLetter, kind: EventKind) -> Result<Option<End>, DbError> {
     let meta = RecordMeta {
         tp: TopicPartition::new(&row.record.topic, row.record.kafka_partition),
         offset: row.record.kafka_offset,
@@ -199,11 +194,11 @@ fn replay_one(
     release_parked(conn.client(), result.more_parked, rules)?;
     let outcome = result.outcomes.into_iter().next();
     match &outcome {
-        Some(Outcome::DeadLettered(r)) => {
+        Some(End::DeadLettered(r)) => {
             let sqlstate = r.sqlstate.as_deref();
             repository::note_replay_failure(conn.client(), row.id, r.reason.as_str(), &r.error, sqlstate)?
         }
-        Some(Outcome::AlreadyDeadLettered) | None => {}
+        Some(End::AlreadyDeadLettered) | None => {}
         Some(_) => repository::mark_replayed(conn.client(), row.id)?,
     }
     Ok(outcome)
@@ -237,11 +232,11 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
             continue;
         };
         match replay_one(&pool, config, row, kind) {
-            Ok(Some(Outcome::DeadLettered(r))) => {
+            Ok(Some(End::DeadLettered(r))) => {
                 failing += 1;
                 log::warn!(id = row.id, reason = r.reason.as_str(), error = r.error.as_str(); "still failing");
             }
-            Ok(Some(Outcome::AlreadyDeadLettered)) | Ok(None) => {
+            Ok(Some(End::AlreadyDeadLettered)) | Ok(None) => {
                 failing += 1;
                 log::warn!(id = row.id; "still failing: the booking has not arrived");
             }
@@ -273,7 +268,7 @@ fn release_parked(
     while !refs.is_empty() {
         let page: Vec<&str> = refs.iter().map(String::as_str).collect();
         let result = handlers::release_parked(conn, &page, rules)?;
-        let progress = result.released.iter().any(|(_, o)| *o != Outcome::Parked);
+        let progress = result.released.iter().any(|(_, o)| *o != End::Parked);
         log::info!(released = result.released.len(); "parked cancellations of a replayed booking released");
         refs = if progress { result.more_parked } else { Vec::new() };
     }

@@ -188,8 +188,9 @@
 //!   once however often its batch is retried): see `halt`.
 //! - `booking_worker_consumer_lag{topic,partition}`: librdkafka's `consumer_lag_stored`.
 //! - `booking_worker_dead_letters_total{reason}` (including expired parked cancellations and
-//!   released unauthorized ones), `booking_worker_parked_cancellations`,
-//!   `booking_worker_released_cancellations_total`.
+//!   released unauthorized ones), `booking_worker_parked_cancellations` (waiting now) and
+//!   `booking_worker_parked_outcomes_total{outcome,reason}` (what became of those that left the
+//!   parking, with the words of their log lines).
 //! - `booking_worker_channel_depth`, `booking_worker_in_flight_bytes`,
 //!   `booking_worker_assigned_partitions`.
 //! - `booking_worker_ready`, `booking_worker_kafka_brokers_up` (brokers the client holds a usable
@@ -281,9 +282,11 @@ pub mod readiness;
 
 pub mod repository;
 
-// The stages, in the data's order: handlers, writers, the consumer; the HTTP endpoint and the
-// service manager's notifications.
+// The stages, in the data's order: handlers, the observer of each end, writers, the consumer; the
+// HTTP endpoint and the service manager's notifications.
 pub mod handlers;
+
+pub mod observe;
 
 pub mod writer;
 

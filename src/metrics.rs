@@ -1,13 +1,16 @@
 //! Prometheus metrics of the worker, and the one-line JSON stats summary for those without
-//! Prometheus. One [`Metrics`] is created by `run` and shared by every thread.
+//! Prometheus. One [`Metrics`] is created by `run` and shared by every thread. The ends of records
+//! and the outcomes of parked cancellations are counted here only through [`crate::observe`],
+//! which logs each of them too.
 
 use crate::models::EventKind;
-use crate::pipeline::Outcome;
+use crate::pipeline::{End, ParkedOutcome};
 use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Buckets of the latency histograms, in seconds.
@@ -19,10 +22,7 @@ const LATENCY_BUCKETS: [f64; 25] = [
 /// Each metric's name and help.
 type Describe = (&'static str, &'static str);
 
-const EVENTS: Describe = (
-    "booking_worker_events_total",
-    "Consumed records by topic and end: applied, duplicate, noop, parked, dead_lettered (with reason).",
-);
+const EVENTS: &str = "booking_worker_events_total";
 const DEAD_LETTERS: Describe = ("booking_worker_dead_letters_total", "Dead letters written, by reason.");
 const PROCESSING: Describe = (
     "booking_worker_processing_seconds",
@@ -55,10 +55,7 @@ const IN_FLIGHT_BYTES: Describe = (
     "Payload bytes of records between partition threads and writers (capped by MAX_IN_FLIGHT_BYTES).",
 );
 const ASSIGNED: Describe = ("booking_worker_assigned_partitions", "Partitions this instance holds.");
-const RELEASED: Describe = (
-    "booking_worker_released_cancellations_total",
-    "Parked cancellations applied or dead-lettered when their booking arrived.",
-);
+const PARKED_OUTCOMES: &str = "booking_worker_parked_outcomes_total";
 const HALTED: Describe = (
     "booking_worker_halted",
     "1 while the worker is halted because the database cannot take its writes (see /readyz for the SQLSTATE).",
@@ -99,13 +96,15 @@ pub struct Metrics {
     channel_depth: IntGauge,
     in_flight_bytes: IntGauge,
     assigned: IntGauge,
-    released: IntCounter,
+    parked_outcomes: IntCounterVec,
     halted: IntGauge,
     halts: IntCounter,
     breaker_trips: IntCounter,
     ready: IntGauge,
     kafka_brokers_up: IntGauge,
     kafka_contact_age: Gauge,
+    /// Consumed records by end, for the stats line.
+    totals: Totals,
 }
 
 impl Metrics {
@@ -115,7 +114,7 @@ impl Metrics {
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("process collector registered once");
         Arc::new(Metrics {
-            events: counter_vec(&r, EVENTS, &["topic", "outcome", "reason"]),
+            events: counter_vec(&r, (EVENTS, &events_help()), &["topic", "end", "reason"]),
             dead_letters: counter_vec(&r, DEAD_LETTERS, &["reason"]),
             latency: latency_histogram(&r, PROCESSING),
             end_to_end: latency_histogram(&r, END_TO_END),
@@ -131,13 +130,14 @@ impl Metrics {
             channel_depth: gauge(&r, CHANNEL_DEPTH),
             in_flight_bytes: gauge(&r, IN_FLIGHT_BYTES),
             assigned: gauge(&r, ASSIGNED),
-            released: registered(&r, IntCounter::new(RELEASED.0, RELEASED.1)),
+            parked_outcomes: counter_vec(&r, (PARKED_OUTCOMES, &parked_outcomes_help()), &["outcome", "reason"]),
             halted: gauge(&r, HALTED),
             halts: registered(&r, IntCounter::new(HALTS.0, HALTS.1)),
             breaker_trips: registered(&r, IntCounter::new(BREAKER_TRIPS.0, BREAKER_TRIPS.1)),
             ready: gauge(&r, READY),
             kafka_brokers_up: gauge(&r, KAFKA_BROKERS_UP),
             kafka_contact_age: registered(&r, Gauge::new(KAFKA_CONTACT_AGE.0, KAFKA_CONTACT_AGE.1)),
+            totals: Totals::default(),
             registry: r,
         })
     }
@@ -148,15 +148,15 @@ impl Metrics {
         &self,
         topic: &str,
         kind: Option<EventKind>,
-        outcome: &Outcome,
+        end: &End,
         seconds: f64,
         since_produced: Option<f64>,
     ) {
-        let (name, reason) = outcome_labels(outcome);
-        self.events.with_label_values(&[topic, name, reason]).inc();
-        if let Outcome::DeadLettered(r) = outcome {
-            self.dead_letters.with_label_values(&[r.reason.as_str()]).inc();
-        }
+        self.events
+            .with_label_values(&[topic, end.as_str(), end.reason()])
+            .inc();
+        self.totals.count(end);
+        self.dead_letter(end.reason(), 1);
         let event_type = kind.map_or("undecodable", EventKind::as_str);
         self.latency.with_label_values(&[event_type]).observe(seconds);
         if let Some(s) = since_produced {
@@ -164,19 +164,20 @@ impl Metrics {
         }
     }
 
-    /// The end of a parked cancellation released by its booking (its record ended earlier).
-    pub fn record_released(&self, outcome: &Outcome) {
-        self.released.inc();
-        if let Outcome::DeadLettered(r) = outcome {
-            self.dead_letters.with_label_values(&[r.reason.as_str()]).inc();
-        }
+    /// `n` parked cancellations that left the parking with `outcome`.
+    pub fn record_parked_outcome(&self, outcome: &ParkedOutcome, n: usize) {
+        let n = n as u64;
+        self.parked_outcomes
+            .with_label_values(&[outcome.as_str(), outcome.reason()])
+            .inc_by(n);
+        self.dead_letter(outcome.reason(), n);
     }
 
-    /// Parked cancellations that expired into dead letters.
-    pub fn record_expired(&self, n: usize) {
-        self.dead_letters
-            .with_label_values(&["cancellation_expired"])
-            .inc_by(n as u64);
+    /// `n` dead letters of `reason`; none when the reason is empty (the end is no dead letter).
+    fn dead_letter(&self, reason: &str, n: u64) {
+        if !reason.is_empty() {
+            self.dead_letters.with_label_values(&[reason]).inc_by(n);
+        }
     }
 
     pub fn transaction(&self, result: &str, records: usize) {
@@ -247,53 +248,78 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// The one-line summary logged every `STATS_LOG_INTERVAL_SECS`.
+    /// The one-line summary logged every `STATS_LOG_INTERVAL_SECS`, from the metrics' own handles.
     pub fn summary(&self) -> Summary {
-        let families = self.registry.gather();
-        let mut s = Summary::default();
-        for family in &families {
-            for m in family.get_metric() {
-                let label = |name: &str| {
-                    m.get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value().to_string())
-                        .unwrap_or_default()
-                };
-                match family.name() {
-                    "booking_worker_events_total" => {
-                        let n = m.get_counter().get_value() as u64;
-                        s.consumed += n;
-                        match label("outcome").as_str() {
-                            "applied" | "adopted" => s.applied += n,
-                            "duplicate" | "noop" => s.noop += n,
-                            "parked" => s.parked_events += n,
-                            _ => s.dead_lettered += n,
-                        }
-                    }
-                    "booking_worker_consumer_lag" => s.lag += m.get_gauge().get_value().max(0.0) as i64,
-                    "booking_worker_parked_cancellations" => s.parked_now = m.get_gauge().get_value() as i64,
-                    "booking_worker_channel_depth" => s.channel_depth = m.get_gauge().get_value() as i64,
-                    "booking_worker_assigned_partitions" => s.partitions = m.get_gauge().get_value() as i64,
-                    "process_resident_memory_bytes" => s.rss_bytes = m.get_gauge().get_value() as i64,
-                    _ => {}
-                }
-            }
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let t = &self.totals;
+        let (applied, noop, parked, dead) = (load(&t.applied), load(&t.noop), load(&t.parked), load(&t.dead_lettered));
+        let lag = self.lag.collect();
+        Summary {
+            consumed: applied + noop + parked + dead,
+            applied,
+            noop,
+            parked_events: parked,
+            dead_lettered: dead,
+            lag: lag
+                .iter()
+                .flat_map(|family| family.get_metric())
+                .map(|m| m.get_gauge().get_value().max(0.0) as i64)
+                .sum(),
+            parked_now: self.parked.get(),
+            channel_depth: self.channel_depth.get(),
+            partitions: self.assigned.get(),
+            rss_bytes: resident_bytes(),
         }
-        s
     }
 }
 
-/// The `outcome` and `reason` labels of an end.
-fn outcome_labels(outcome: &Outcome) -> (&'static str, &'static str) {
-    match outcome {
-        Outcome::Created { .. } | Outcome::Cancelled { .. } => ("applied", ""),
-        Outcome::Adopted { .. } => ("adopted", ""),
-        Outcome::Duplicate => ("duplicate", ""),
-        Outcome::AlreadyCancelled { .. } | Outcome::AlreadyDeadLettered => ("noop", ""),
-        Outcome::Parked => ("parked", ""),
-        Outcome::DeadLettered(r) => ("dead_lettered", r.reason.as_str()),
+/// Consumed records since the start, by what the stats line calls their end.
+#[derive(Default)]
+struct Totals {
+    applied: AtomicU64,
+    noop: AtomicU64,
+    parked: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+impl Totals {
+    fn count(&self, end: &End) {
+        let total = match end {
+            End::Created { .. } | End::Adopted { .. } | End::Cancelled { .. } => &self.applied,
+            End::Duplicate | End::AlreadyCancelled { .. } | End::AlreadyDeadLettered => &self.noop,
+            End::Parked => &self.parked,
+            End::DeadLettered(_) => &self.dead_lettered,
+        };
+        total.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The help of `booking_worker_events_total`, naming every end.
+fn events_help() -> String {
+    format!(
+        "Consumed records by topic, end ({}) and reason (of a dead letter; empty otherwise).",
+        End::NAMES.join(", ")
+    )
+}
+
+/// The help of `booking_worker_parked_outcomes_total`, naming every outcome.
+fn parked_outcomes_help() -> String {
+    let names: Vec<&str> = ParkedOutcome::names().collect();
+    format!(
+        "Parked cancellations that left the parking, by outcome ({}) and reason (of a dead letter; empty otherwise).",
+        names.join(", ")
+    )
+}
+
+/// The process's resident memory in bytes (`VmRSS`), as `process_resident_memory_bytes` has it;
+/// 0 where `/proc` does not say.
+fn resident_bytes() -> i64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Registers a metric and returns it. The names and labels are fixed, so a failure is a defect.
@@ -305,7 +331,7 @@ fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: prome
     metric
 }
 
-fn counter_vec(registry: &Registry, (name, help): Describe, labels: &[&str]) -> IntCounterVec {
+fn counter_vec(registry: &Registry, (name, help): (&str, &str), labels: &[&str]) -> IntCounterVec {
     registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
@@ -352,50 +378,60 @@ mod tests {
     use crate::models::{Reason, Rejection};
 
     #[test]
-    fn ends_are_counted_by_topic_outcome_and_reason() {
+    fn ends_are_counted_by_topic_end_and_reason() {
         let m = Metrics::new();
         m.record_end(
             "booking-events",
             Some(EventKind::Booking),
-            &Outcome::Created { id: 1 },
+            &End::Created { id: 1 },
             0.004,
             Some(0.25),
         );
-        m.record_end(
-            "booking-events",
-            Some(EventKind::Booking),
-            &Outcome::Duplicate,
-            0.002,
-            None,
-        );
-        let dead = Outcome::DeadLettered(Rejection::new(Reason::UnknownUser, "x"));
+        m.record_end("booking-events", Some(EventKind::Booking), &End::Duplicate, 0.002, None);
+        let dead = End::DeadLettered(Rejection::new(Reason::UnknownUser, "x"));
         m.record_end("booking-events", Some(EventKind::Booking), &dead, 0.003, None);
-        m.record_end("booking-cancellations", None, &Outcome::Parked, 0.003, None);
+        m.record_end("booking-cancellations", None, &End::Parked, 0.003, None);
         m.record_end(
             "booking-events",
             Some(EventKind::Booking),
-            &Outcome::Adopted { id: 2 },
+            &End::Adopted { id: 2 },
             0.003,
             Some(0.5),
         );
-        m.record_expired(2);
+        m.record_parked_outcome(&ParkedOutcome::Expired, 2);
+        m.record_parked_outcome(&ParkedOutcome::Released(End::Cancelled { id: 3 }), 1);
         let text = m.render();
-        assert!(
-            text.contains(r#"booking_worker_events_total{outcome="applied",reason="",topic="booking-events"} 1"#),
-            "{text}"
-        );
-        assert!(text.contains(
-            r#"booking_worker_events_total{outcome="dead_lettered",reason="unknown_user",topic="booking-events"} 1"#
-        ));
-        assert!(text.contains(r#"booking_worker_dead_letters_total{reason="cancellation_expired"} 2"#));
-        assert!(text.contains(r#"booking_worker_processing_seconds_count{event_type="booking"} 4"#));
-        assert!(text.contains(r#"booking_worker_end_to_end_seconds_count{event_type="booking"} 2"#));
-        assert!(text.contains(r#"booking_worker_events_total{outcome="adopted",reason="",topic="booking-events"} 1"#));
+        for line in [
+            r#"booking_worker_events_total{end="created",reason="",topic="booking-events"} 1"#,
+            r#"booking_worker_events_total{end="dead_lettered",reason="unknown_user",topic="booking-events"} 1"#,
+            r#"booking_worker_events_total{end="adopted",reason="",topic="booking-events"} 1"#,
+            r#"booking_worker_dead_letters_total{reason="cancellation_expired"} 2"#,
+            r#"booking_worker_dead_letters_total{reason="unknown_user"} 1"#,
+            r#"booking_worker_parked_outcomes_total{outcome="expired",reason="cancellation_expired"} 2"#,
+            r#"booking_worker_parked_outcomes_total{outcome="cancelled",reason=""} 1"#,
+            r#"booking_worker_processing_seconds_count{event_type="booking"} 4"#,
+            r#"booking_worker_end_to_end_seconds_count{event_type="booking"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         let s = m.summary();
         assert_eq!(
             (s.consumed, s.applied, s.noop, s.parked_events, s.dead_lettered),
             (5, 2, 1, 1, 1)
         );
+        assert!(s.rss_bytes > 0, "{s:?}");
+    }
+
+    #[test]
+    fn the_help_of_the_end_metrics_names_every_end_and_outcome() {
+        let events = events_help();
+        for name in End::NAMES {
+            assert!(events.contains(name), "{name} in {events}");
+        }
+        let parked = parked_outcomes_help();
+        for name in ParkedOutcome::names() {
+            assert!(parked.contains(name), "{name} in {parked}");
+        }
     }
 
     #[test]

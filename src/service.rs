@@ -13,7 +13,7 @@ use crate::readiness::{self, BrokerLink, DatabaseAnswers, DatabaseProbe, Readine
 use crate::repository::{self, MigrateError};
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterPool, WriterWiring};
-use crate::{align, budget, handlers, http, kafka, logger, notify, writer};
+use crate::{align, budget, handlers, http, kafka, notify, observe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -107,10 +107,10 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     };
     let notifier = spawn_notifier(&shared, &shutdown);
     let result = match wait_and_migrate(&pool, &shutdown, &config, &shared) {
-        Ok(true) => run_pipeline(&config, pool, shared, &shutdown).map(|()| true),
-        Ok(false) => {
+        Ok(Startup::Migrated) => run_pipeline(&config, pool, shared, &shutdown).map(|()| Startup::Migrated),
+        Ok(Startup::ShutDown) => {
             log::info!("shutdown before the database was reachable");
-            Ok(false)
+            Ok(Startup::ShutDown)
         }
         Err(e) => Err(e),
     };
@@ -124,7 +124,8 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
     if let Some(notifier) = notifier {
         join_named(notifier);
     }
-    if let Ok(true) = result {
+    // The pipeline ran and stopped without an error.
+    if let Ok(Startup::Migrated) = result {
         log::info!("booking-worker stopped cleanly");
     }
     result.map(drop)
@@ -245,19 +246,26 @@ fn consume_until_shutdown(worker: kafka::Worker, writers: WriterPool, shutdown: 
     Ok(())
 }
 
+/// How waiting for the database at the start ended.
+enum Startup {
+    /// The database answered and the worker's migrations are up to date.
+    Migrated,
+    /// Shutdown came before the database could be used.
+    ShutDown,
+}
+
 /// Waits for the database and brings the worker's migrations up to date: applies them under
 /// `DB_MIGRATE=auto`, or only checks that none is pending under `off`. A transient failure is
 /// retried with backoff; a systemic one (a refused login, a missing grant or table) halts the
-/// worker as it would mid-stream, `/readyz` naming it, and is retried until it clears. Returns
-/// false when shutdown came first.
-fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config, shared: &Shared) -> Result<bool, RunError> {
+/// worker as it would mid-stream, `/readyz` naming it, and is retried until it clears.
+fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config, shared: &Shared) -> Result<Startup, RunError> {
     let mut backoff = Backoff::new(config.pipeline.retry_max_backoff);
     loop {
         match migrate_once(pool, &config.database) {
             Ok(applied) => {
                 shared.halt.leave_counted(halt::AT_START, &shared.metrics);
                 log::info!(applied = applied.join(","); "database ready; migrations up to date");
-                return Ok(true);
+                return Ok(Startup::Migrated);
             }
             Err(MigrateError::Database(e)) => {
                 let delay = backoff.next_delay();
@@ -267,7 +275,7 @@ fn wait_and_migrate(pool: &Pool, shutdown: &Shutdown, config: &Config, shared: &
                     shared.halt.enter_counted(halt::AT_START, &e, &shared.metrics);
                 }
                 if shutdown.sleep(delay) {
-                    return Ok(false);
+                    return Ok(Startup::ShutDown);
                 }
             }
             Err(MigrateError::NotAllowed { pending, error }) => {
@@ -331,20 +339,11 @@ fn spawn_housekeeping(
     })
 }
 
+/// Expires parked cancellations into dead letters, a page per transaction (each committed page is
+/// logged and counted), and sets the parked gauge.
 fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
-    let mut log_page = |page: &[repository::ParkedCancellation]| {
-        metrics.record_expired(page.len());
-        logger::in_one_write(|| {
-            for p in page {
-                logger::with_event(writer::parked_scope(p), || {
-                    log::warn!(outcome = "dead_lettered", reason = "cancellation_expired";
-                        "parked cancellation expired; dead-lettered")
-                });
-            }
-        });
-    };
     let result = pool.get().and_then(|mut conn| {
-        handlers::expire_parked(conn.client(), ttl, &mut log_page)?;
+        handlers::expire_parked(conn.client(), ttl, &mut |page| observe::parked_expired(metrics, page))?;
         repository::count_parked(conn.client())
     });
     match result {

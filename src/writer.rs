@@ -1,25 +1,25 @@
 //! The writer pool: named threads that take records off bounded channels in batches, apply each
 //! batch in one PostgreSQL transaction, and only then mark the records durable in the offset
-//! tracker. What a failed batch does depends on the class of its error: a transient one is retried
-//! with capped, jittered backoff; a systemic one halts the worker (see [`crate::halt`]) while the
-//! same batch is retried; a record's own refusal sets that record apart as a dead letter.
+//! tracker and release their bytes. What a failed batch does depends on the class of its error: a
+//! transient one is retried with capped, jittered backoff; a systemic one halts the worker (see
+//! [`crate::halt`]) while the same batch is retried; a record's own refusal sets that record apart
+//! as a dead letter. The state machine that brings a batch to its end is in `writer/batch.rs`.
 //!
 //! Records of one booking id always go to the same writer, so they are applied in the order they
 //! were consumed. Closing the channels (dropping every [`Dispatcher`]) drains and stops the pool.
 
+mod batch;
+
 use crate::budget::ByteBudget;
 use crate::config::PipelineConfig;
-use crate::database::{Backoff, DbError, ErrorClass, Pool};
+use crate::database::Pool;
 use crate::halt::Halt;
-use crate::handlers::{self, BatchResult};
 use crate::health::Health;
-use crate::logger::{self, EventScope};
 use crate::metrics::Metrics;
-use crate::models::{Event, Reason, Rejection};
 use crate::offsets::OffsetTracker;
-use crate::pipeline::{Outcome, Work};
-use crate::repository::ParkedCancellation;
+use crate::pipeline::Work;
 use crate::shutdown::Shutdown;
+use batch::Processed;
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -149,23 +149,6 @@ impl WriterPool {
     }
 }
 
-/// Whether the circuit breaker looks at a transaction before it commits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Guard {
-    Breaker,
-    /// A dead letter the breaker already allowed.
-    None,
-}
-
-/// Why a batch was not brought to an end.
-enum Stop {
-    /// The database refused a record of it (SQLSTATE class 22 or 23).
-    Refused(DbError),
-    /// Shutdown came while the database could not take the batch: its records stay unstored and
-    /// are consumed again on the next start.
-    Abandoned,
-}
-
 struct Writer {
     number: usize,
     rx: Receiver<Work>,
@@ -199,7 +182,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if self.process(&batch).is_err() {
+            if let Processed::Abandoned = self.process(&batch) {
                 let left = batch.len() + self.rx.len();
                 log::warn!(records = left;
                     "shutdown while the database cannot take writes; these records are consumed again on the next start");
@@ -223,304 +206,5 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => return None,
             }
         }
-    }
-
-    /// Brings every record of the batch to a durable end, or gives up at shutdown.
-    fn process(&self, batch: &[Work]) -> Result<(), ()> {
-        fail::fail_point!("writer-batch");
-        match self.apply_until_done(batch) {
-            Ok(result) => self.finish(batch, result)?,
-            Err(Stop::Abandoned) => return Err(()),
-            Err(Stop::Refused(error)) if batch.len() > 1 => {
-                log::warn!(error = error.to_string(), records = batch.len();
-                    "database refused a record of the batch; applying its records one by one");
-                for work in batch {
-                    self.process_one(work)?;
-                }
-            }
-            Err(Stop::Refused(error)) => self.dead_letter(&batch[0], error)?,
-        }
-        Ok(())
-    }
-
-    /// Logs a committed batch, then releases whatever parked cancellations it left for further
-    /// pages.
-    fn finish(&self, batch: &[Work], result: BatchResult) -> Result<(), ()> {
-        self.log_result(batch, &result);
-        self.release_parked(result.more_parked)
-    }
-
-    /// Releases, a page per transaction, the parked cancellations of bookings that had more than
-    /// one page of them.
-    fn release_parked(&self, mut refs: Vec<String>) -> Result<(), ()> {
-        while !refs.is_empty() {
-            let page: Vec<&str> = refs.iter().map(String::as_str).collect();
-            match self.apply_until_done_with(&[], &page, Guard::Breaker) {
-                Ok(result) => {
-                    self.log_result(&[], &result);
-                    // A page that only parked again (its booking is gone) makes no progress.
-                    let progress = result.released.iter().any(|(_, o)| *o != Outcome::Parked);
-                    refs = if progress { result.more_parked } else { Vec::new() };
-                }
-                Err(Stop::Abandoned) => return Err(()),
-                Err(Stop::Refused(error)) => {
-                    log::error!(error = error.to_string(), bookings = page.len();
-                        "database refused releasing parked cancellations; they stay parked until they expire");
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one record on its own, and dead-letters it when the database refuses it.
-    fn process_one(&self, work: &Work) -> Result<(), ()> {
-        let single = std::slice::from_ref(work);
-        match self.apply_until_done(single) {
-            Ok(result) => self.finish(single, result)?,
-            Err(Stop::Abandoned) => return Err(()),
-            Err(Stop::Refused(error)) => self.dead_letter(work, error)?,
-        }
-        Ok(())
-    }
-
-    /// Stores a record the database refused as a dead letter with the server's SQLSTATE. When the
-    /// circuit breaker forbids one more, the worker halts and the record itself is retried.
-    fn dead_letter(&self, work: &Work, error: DbError) -> Result<(), ()> {
-        let mut error = error;
-        let mut backoff = Backoff::new(self.max_backoff);
-        while !self.halt.breaker().allows(std::iter::once(true)) {
-            self.wait_out(&self.breaker_error(&error), &mut backoff, 1)?;
-            match self.apply_until_done(std::slice::from_ref(work)) {
-                Ok(result) => return self.finish(std::slice::from_ref(work), result),
-                Err(Stop::Abandoned) => return Err(()),
-                Err(Stop::Refused(again)) => error = again,
-            }
-        }
-        // The breaker allowed this dead letter: it is stored whatever other writers count meanwhile.
-        let rejected = [Work::Reject {
-            meta: work.meta().clone(),
-            rejection: Rejection::refused(error.sqlstate.as_deref(), error.message),
-        }];
-        match self.apply_until_done_with(&rejected, &[], Guard::None) {
-            Ok(result) => self.finish(&rejected, result)?,
-            Err(Stop::Abandoned) => return Err(()),
-            Err(Stop::Refused(error)) => {
-                // Storing a dead letter touches only the worker's own table; a refusal there means
-                // that table is not as its migrations made it.
-                logger::with_event(
-                    work.scope(),
-                    || log::error!(error = error.to_string(); "database refuses to store a dead letter"),
-                );
-                self.dead_letter_or_halt(&rejected, error)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Retries storing a dead letter as a systemic failure until it goes through.
-    fn dead_letter_or_halt(&self, rejected: &[Work], error: DbError) -> Result<(), ()> {
-        let systemic = DbError {
-            class: ErrorClass::Systemic,
-            ..error
-        };
-        let mut backoff = Backoff::new(self.max_backoff);
-        loop {
-            self.wait_out(&systemic, &mut backoff, 1)?;
-            if let Ok(result) = self.apply_until_done_with(rejected, &[], Guard::None) {
-                return self.finish(rejected, result);
-            }
-        }
-    }
-
-    /// Logs and counts the end of every record of a committed batch.
-    fn log_result(&self, batch: &[Work], result: &BatchResult) {
-        self.halt.breaker().committed(result.outcomes.iter().map(is_refusal));
-        logger::in_one_write(|| {
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            for (work, outcome) in batch.iter().zip(&result.outcomes) {
-                let meta = work.meta();
-                let seconds = meta.received_at.elapsed().as_secs_f64();
-                let since_produced = meta.produced_at_ms.map(|t| (now_ms - t).max(0) as f64 / 1000.0);
-                self.metrics.record_end(
-                    &meta.tp.topic,
-                    work.event().map(Event::kind),
-                    outcome,
-                    seconds,
-                    since_produced,
-                );
-                logger::with_event(work.scope(), || log_outcome(outcome, seconds * 1000.0));
-            }
-            for (parked, outcome) in &result.released {
-                self.metrics.record_released(outcome);
-                logger::with_event(parked_scope(parked), || log_released(outcome));
-            }
-        })
-    }
-
-    /// Applies a batch, retrying transient and systemic failures with capped backoff for as long
-    /// as they last (halting the worker for a systemic one). Returns the result, a record's
-    /// refusal, or [`Stop::Abandoned`] at shutdown.
-    fn apply_until_done(&self, batch: &[Work]) -> Result<BatchResult, Stop> {
-        self.apply_until_done_with(batch, &[], Guard::Breaker)
-    }
-
-    /// [`Writer::apply_until_done`], also releasing parked cancellations of `release`, with or
-    /// without the circuit breaker's look before the commit.
-    fn apply_until_done_with(&self, batch: &[Work], release: &[&str], guard: Guard) -> Result<BatchResult, Stop> {
-        let mut backoff = Backoff::new(self.max_backoff);
-        loop {
-            self.alive.beat();
-            let result = self.try_apply(batch, release, guard);
-            let label = match &result {
-                Ok(_) => "committed",
-                Err(e) => match e.class {
-                    ErrorClass::Transient => "transient_error",
-                    ErrorClass::Systemic => "systemic_error",
-                    ErrorClass::Record => "record_error",
-                },
-            };
-            self.metrics.transaction(label, batch.len());
-            match result {
-                Ok(result) => {
-                    self.running();
-                    return Ok(result);
-                }
-                // The halt, if any, lasts until a transaction commits.
-                Err(e) if e.is(ErrorClass::Record) => return Err(Stop::Refused(e)),
-                Err(e) => self
-                    .wait_out(&e, &mut backoff, batch.len())
-                    .map_err(|()| Stop::Abandoned)?,
-            }
-        }
-    }
-
-    /// One attempt at a batch, in one transaction, with the circuit breaker's last look before it
-    /// commits. A connection that reached a read-only standby is dropped, not pooled.
-    fn try_apply(&self, batch: &[Work], release: &[&str], guard: Guard) -> Result<BatchResult, DbError> {
-        let mut conn = self.pool.get()?;
-        let breaker = |result: &BatchResult| {
-            if guard == Guard::None || self.halt.breaker().allows(result.outcomes.iter().map(is_refusal)) {
-                return Ok(());
-            }
-            let last = result.outcomes.iter().rev().find_map(|o| match o {
-                Outcome::DeadLettered(r) if r.reason == Reason::DatabaseRejected => Some(r),
-                _ => None,
-            });
-            let error = DbError {
-                class: ErrorClass::Record,
-                sqlstate: last.and_then(|r| r.sqlstate.clone()),
-                message: last.map_or_else(String::new, |r| r.error.clone()),
-            };
-            Err(self.breaker_error(&error))
-        };
-        let rules = handlers::Rules {
-            adopt_legacy_rows: self.adopt_legacy_rows,
-            replaying_dead_letters: false,
-            before_commit: &breaker,
-        };
-        let result = if release.is_empty() {
-            handlers::apply_batch(conn.client(), batch, rules)
-        } else {
-            handlers::release_parked(conn.client(), release, rules)
-        };
-        if result.as_ref().is_err_and(DbError::is_read_only) {
-            conn.discard();
-        }
-        result
-    }
-
-    /// The systemic error a tripped circuit breaker halts with; a new trip is counted.
-    fn breaker_error(&self, refusal: &DbError) -> DbError {
-        let breaker = self.halt.breaker();
-        if breaker.trip() {
-            self.metrics.count_breaker_trip();
-        }
-        DbError {
-            class: ErrorClass::Systemic,
-            sqlstate: refusal.sqlstate.clone(),
-            message: format!(
-                "{} records in a row refused by the database (DB_REJECT_HALT_AFTER={}); last: {}",
-                breaker.consecutive() + 1,
-                breaker.limit(),
-                refusal.message
-            ),
-        }
-    }
-
-    /// Waits before the next attempt after a transient or systemic failure; a systemic one halts
-    /// the worker. Errs when shutdown comes first. Retrying is waiting by design: it beats.
-    fn wait_out(&self, error: &DbError, backoff: &mut Backoff, records: usize) -> Result<(), ()> {
-        self.alive.beat();
-        let delay = backoff.next_delay();
-        if error.is(ErrorClass::Systemic) {
-            self.halt.enter_counted(self.number, error, &self.metrics);
-        } else {
-            log::warn!(error = error.to_string(), attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64,
-                records; "database unavailable; retrying the batch");
-        }
-        if self.shutdown.sleep(delay) {
-            return Err(());
-        }
-        Ok(())
-    }
-
-    /// The database took this writer's batch: it is no longer halted.
-    fn running(&self) {
-        self.halt.leave_counted(self.number, &self.metrics);
-    }
-}
-
-/// Whether an end is a record the database refused (what the circuit breaker counts).
-fn is_refusal(outcome: &Outcome) -> bool {
-    matches!(outcome, Outcome::DeadLettered(r) if r.reason == Reason::DatabaseRejected)
-}
-
-/// The log scope of a parked cancellation: the record it came from.
-pub fn parked_scope(parked: &ParkedCancellation) -> EventScope {
-    EventScope {
-        topic: parked.record.topic.clone(),
-        partition: parked.record.kafka_partition,
-        offset: parked.record.kafka_offset,
-        booking_id: Some(parked.booking_ref.clone()),
-        baggage: parked.record.baggage.clone(),
-    }
-}
-
-/// The one `end` line of a consumed record.
-fn log_outcome(outcome: &Outcome, latency_ms: f64) {
-    let end = outcome.as_str();
-    match outcome {
-        Outcome::Created { id } => log::info!(end, row_id = id, latency_ms; "booking created"),
-        Outcome::Adopted { id } => {
-            log::info!(end, row_id = id, latency_ms; "booking adopted: the Go worker's row now carries its external id")
-        }
-        Outcome::Duplicate => log::info!(end, latency_ms; "booking already exists; duplicate ignored"),
-        Outcome::Cancelled { id } => log::info!(end, row_id = id, latency_ms; "booking cancelled"),
-        Outcome::AlreadyCancelled { id } => {
-            log::warn!(end, row_id = id, latency_ms; "booking already cancelled; nothing changed")
-        }
-        Outcome::Parked => log::info!(end, latency_ms; "booking not found yet; cancellation parked"),
-        Outcome::AlreadyDeadLettered => {
-            log::info!(end, latency_ms; "record was dead-lettered before; nothing changed")
-        }
-        Outcome::DeadLettered(r) => {
-            log::warn!(end, reason = r.reason.as_str(), error = r.error.as_str(),
-                sqlstate = r.sqlstate.as_deref().unwrap_or(""), latency_ms; "record dead-lettered")
-        }
-    }
-}
-
-/// What became of a parked cancellation when its booking arrived. Its record's `end` (parked) was
-/// logged when it was consumed, so this line says `outcome`, not `end`.
-fn log_released(outcome: &Outcome) {
-    let outcome_name = outcome.as_str();
-    match outcome {
-        Outcome::Cancelled { id } => {
-            log::info!(outcome = outcome_name, row_id = id; "parked cancellation applied to its booking")
-        }
-        Outcome::DeadLettered(r) => log::warn!(outcome = outcome_name, reason = r.reason.as_str(),
-            error = r.error.as_str(); "parked cancellation dead-lettered"),
-        other => log::warn!(outcome = other.as_str(); "parked cancellation released; nothing changed"),
     }
 }

@@ -348,7 +348,7 @@ fn check_dashboard(prometheus: &Prometheus, instance: &str, topic: &str) {
     assert!(
         panel("Throughput by end")
             .iter()
-            .any(|s| s["metric"]["topic"] == topic && s["metric"]["outcome"] == "applied"),
+            .any(|s| s["metric"]["topic"] == topic && s["metric"]["end"] == "created"),
         "throughput of applied bookings"
     );
     assert!(panel("Dead letters and parked cancellations")

@@ -102,7 +102,7 @@ fn assert_counters_match(m: &[Sample], s: &Setup, published: &Published) {
         metric_sum(
             m,
             "booking_worker_events_total",
-            &[("topic", &s.bookings), ("outcome", "applied")]
+            &[("topic", &s.bookings), ("end", "created")]
         ),
         bookings.len() as f64,
         "each distinct booking applied once"

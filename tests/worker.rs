@@ -571,6 +571,27 @@ fn a_parked_cancellation_has_one_end_line_and_one_outcome_line() {
         .collect();
     assert_eq!(released.len(), 1);
     assert_eq!(released[0]["booking_id"], "first_cancel");
+    // The metrics count each end and outcome once, with the words of the log lines.
+    let text = common::http_get(&worker.metrics_addr, "/metrics").expect("scrape").1;
+    let m = common::parse_prometheus(&text);
+    let count = |name: &str, labels: &[(&str, &str)]| common::metric_sum(&m, name, labels);
+    assert_eq!(count("booking_worker_events_total", &[]), 2.0, "{text}");
+    for end in ["parked", "created"] {
+        assert_eq!(
+            count("booking_worker_events_total", &[("end", end)]),
+            1.0,
+            "{end}: {text}"
+        );
+    }
+    assert_eq!(count("booking_worker_parked_outcomes_total", &[]), 1.0, "{text}");
+    assert_eq!(
+        count(
+            "booking_worker_parked_outcomes_total",
+            &[("outcome", "cancelled"), ("reason", "")]
+        ),
+        1.0,
+        "{text}"
+    );
     assert_eq!(worker.terminate(WAIT), 0);
 }
 

@@ -3,7 +3,7 @@
 //! booking created in this batch is written as Cancelled at once.
 
 use crate::models::{Reason, Rejection};
-use crate::pipeline::Outcome;
+use crate::pipeline::End;
 use crate::repository::{BookingRow, NewBooking};
 use std::collections::{HashMap, HashSet};
 
@@ -25,8 +25,8 @@ pub(super) enum CancelAt {
 pub(super) const ACCEPTED: &str = "Accepted";
 const CANCELLED: &str = "Cancelled";
 
-pub(super) fn dead(reason: Reason, error: impl Into<String>) -> Outcome {
-    Outcome::DeadLettered(Rejection::new(reason, error))
+pub(super) fn dead(reason: Reason, error: impl Into<String>) -> End {
+    End::DeadLettered(Rejection::new(reason, error))
 }
 
 /// The external ids of the new bookings that `requests`, decided in order, cancel: each is
@@ -68,7 +68,7 @@ pub(super) fn decide_cancel(
     user_id: Option<i32>,
     request: &CancelRequest<'_>,
     to_cancel: &mut Vec<i32>,
-) -> Outcome {
+) -> End {
     let Some(user_id) = user_id else {
         return dead(
             Reason::UnknownUser,
@@ -88,9 +88,9 @@ pub(super) fn decide_cancel(
         ACCEPTED => {
             row.status = CANCELLED.to_string();
             to_cancel.push(row.id);
-            Outcome::Cancelled { id: row.id }
+            End::Cancelled { id: row.id }
         }
-        CANCELLED => Outcome::AlreadyCancelled { id: row.id },
+        CANCELLED => End::AlreadyCancelled { id: row.id },
         other => dead(
             Reason::NotCancellable,
             format!(

@@ -1,6 +1,6 @@
 //! What each event does to the database: the booking handler, the cancellation handler, and the
 //! expiry of parked cancellations. A whole batch is applied in one transaction, and every record in
-//! it gets exactly one [`Outcome`].
+//! it gets exactly one [`End`].
 //!
 //! # The batch transaction, step by step
 //!
@@ -50,7 +50,7 @@ mod plan;
 
 use crate::database::{DbError, ErrorClass};
 use crate::models::{Event, Reason};
-use crate::pipeline::{Outcome, RecordMeta, Work};
+use crate::pipeline::{End, RecordMeta, Work};
 use crate::repository::{self, DeadLetter, NewBooking, ParkedCancellation, Parking, Source};
 use cancel::{decide_cancel, BookingsByReference, CancelAt, CancelRequest, ACCEPTED};
 use plan::{distinct, LogPosition, Plan};
@@ -62,8 +62,8 @@ use std::time::Duration;
 /// of parked cancellations that the batch's new bookings released.
 #[derive(Debug, Default)]
 pub struct BatchResult {
-    pub outcomes: Vec<Outcome>,
-    pub released: Vec<(ParkedCancellation, Outcome)>,
+    pub outcomes: Vec<End>,
+    pub released: Vec<(ParkedCancellation, End)>,
     /// Bookings that may have more parked cancellations than one page released: the writer
     /// releases them in further transactions ([`release_parked`]).
     pub more_parked: Vec<String>,
@@ -366,10 +366,10 @@ fn park(tx: &mut Transaction<'_>, plan: &mut Plan<'_>, parkings: Vec<(CancelAt, 
         let s = &parking.source;
         let position = (s.topic.to_string(), s.partition, s.offset);
         if dead_before.contains(&position) {
-            plan.set(at, Outcome::AlreadyDeadLettered);
+            plan.set(at, End::AlreadyDeadLettered);
         } else {
             to_park.push(parking);
-            plan.set(at, Outcome::Parked);
+            plan.set(at, End::Parked);
         }
     }
     repository::park_cancellations(tx, &to_park)
@@ -385,7 +385,7 @@ fn finish(
     more_parked: Vec<String>,
 ) -> Result<BatchResult, DbError> {
     let outcomes = Plan::decided(plan.outcomes);
-    let released: Vec<(ParkedCancellation, Outcome)> = released
+    let released: Vec<(ParkedCancellation, End)> = released
         .into_iter()
         .zip(Plan::decided(plan.released_outcomes))
         .collect();
@@ -400,7 +400,7 @@ fn finish(
         let letters: Vec<DeadLetter<'_>> = of_batch
             .chain(of_released)
             .filter_map(|(source, booking_id, outcome)| match outcome {
-                Outcome::DeadLettered(r) => Some(DeadLetter {
+                End::DeadLettered(r) => Some(DeadLetter {
                     source,
                     booking_id,
                     reason: r.reason.as_str(),

@@ -5,7 +5,7 @@
 use super::cancel::{cancelled_on_insert, dead, CancelAt, CancelRequest};
 use crate::database::DbError;
 use crate::models::{BookingEvent, CancellationEvent, Event, Reason, Rejection};
-use crate::pipeline::{Outcome, Work};
+use crate::pipeline::{End, Work};
 use crate::repository::{NewBooking, ParkedCancellation};
 use std::collections::{HashMap, HashSet};
 
@@ -15,9 +15,9 @@ pub(super) type LogPosition = (String, i32, i64);
 /// The batch as the transaction decides it.
 pub(super) struct Plan<'a> {
     /// The outcome of each record of the batch, once decided.
-    pub outcomes: Vec<Option<Outcome>>,
+    pub outcomes: Vec<Option<End>>,
     /// The outcome of each released parked cancellation, once decided.
-    pub released_outcomes: Vec<Option<Outcome>>,
+    pub released_outcomes: Vec<Option<End>>,
     /// The batch's booking events to decide, with their index in the batch.
     pub bookings: Vec<(usize, &'a BookingEvent)>,
     /// The batch's cancellation events to decide, with their index in the batch.
@@ -49,9 +49,9 @@ impl<'a> Plan<'a> {
             let m = work.meta();
             let outcome = match work {
                 _ if dead_letters.contains(&(m.tp.topic.to_string(), m.tp.partition, m.offset)) => {
-                    Some(Outcome::AlreadyDeadLettered)
+                    Some(End::AlreadyDeadLettered)
                 }
-                Work::Reject { rejection, .. } => Some(Outcome::DeadLettered(rejection.clone())),
+                Work::Reject { rejection, .. } => Some(End::DeadLettered(rejection.clone())),
                 Work::Apply {
                     event: Event::Booking(b),
                     ..
@@ -73,7 +73,7 @@ impl<'a> Plan<'a> {
     }
 
     /// Records the outcome of a cancellation, by where it came from.
-    pub fn set(&mut self, at: CancelAt, outcome: Outcome) {
+    pub fn set(&mut self, at: CancelAt, outcome: End) {
         match at {
             CancelAt::Batch(i) => self.outcomes[i] = Some(outcome),
             CancelAt::Released(j) => self.released_outcomes[j] = Some(outcome),
@@ -97,7 +97,7 @@ impl<'a> Plan<'a> {
         let mut seen = HashSet::new();
         for &(i, b) in &self.bookings {
             if !seen.insert(b.booking_id.as_str()) {
-                self.outcomes[i] = Some(Outcome::Duplicate);
+                self.outcomes[i] = Some(End::Duplicate);
                 continue;
             }
             let Some(&user_id) = self.users.get(&b.user_id) else {
@@ -166,17 +166,17 @@ impl<'a> Plan<'a> {
         for (i, nb) in &self.new_bookings {
             let x = nb.external_id;
             self.outcomes[*i] = Some(match (self.adopted.get(x), created.get(x), refused.get(x)) {
-                (Some(&id), _, _) => Outcome::Adopted { id },
-                (None, Some(&id), _) => Outcome::Created { id },
-                (None, None, Some(e)) => Outcome::DeadLettered(Rejection::refused(e.sqlstate.as_deref(), &e.message)),
-                (None, None, None) => Outcome::Duplicate,
+                (Some(&id), _, _) => End::Adopted { id },
+                (None, Some(&id), _) => End::Created { id },
+                (None, None, Some(e)) => End::DeadLettered(Rejection::refused(e.sqlstate.as_deref(), &e.message)),
+                (None, None, None) => End::Duplicate,
             });
         }
     }
 
     /// The outcomes, every one decided: one that is not would be a defect, and is dead-lettered
     /// rather than lost.
-    pub fn decided(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
+    pub fn decided(outcomes: Vec<Option<End>>) -> Vec<End> {
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| dead(Reason::DatabaseRejected, "record was not handled")))
@@ -284,7 +284,7 @@ mod tests {
             .enumerate()
             .map(|(i, o)| match o {
                 _ if new.contains(&i) => "new".to_string(),
-                Some(Outcome::DeadLettered(r)) => format!("dead:{}", r.reason.as_str()),
+                Some(End::DeadLettered(r)) => format!("dead:{}", r.reason.as_str()),
                 Some(o) => o.as_str().to_string(),
                 None => "-".to_string(),
             })

@@ -2,7 +2,7 @@
 //! PostgreSQL cluster on free ports from the project's scripts, and SIGSTOP/SIGCONT of their
 //! processes, as a hung server or a network partition looks to the worker.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A single-node broker of this test's own, from scripts/kafka.sh on free ports, that the test
@@ -195,12 +195,25 @@ fn children_of(parent: u32) -> Vec<u32> {
 pub struct Frozen(Vec<u32>);
 
 impl Frozen {
+    /// Stops every process of `pids` that still exists: a server's child may exit between being
+    /// listed and being stopped, and a process that is gone needs no stopping. The ones stopped go
+    /// on when this is dropped, also if a later one cannot be stopped.
     pub fn new(pids: Vec<u32>) -> Frozen {
         assert!(!pids.is_empty(), "no process to freeze");
-        for pid in &pids {
-            signal(*pid, "STOP");
+        let mut frozen = Frozen(Vec::with_capacity(pids.len()));
+        for pid in pids {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let stopped = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+            if stopped.is_ok_and(|s| s.success()) {
+                frozen.0.push(pid);
+            } else {
+                assert!(!Path::new(&format!("/proc/{pid}")).exists(), "kill -STOP {pid} failed");
+            }
         }
-        Frozen(pids)
+        assert!(!frozen.0.is_empty(), "every process to freeze was gone");
+        frozen
     }
 }
 
