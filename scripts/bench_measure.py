@@ -145,6 +145,7 @@ def watch(pid, addr, until):
         "peak_rss_mib": round(rss, 1),
         "cpu_seconds": round(cpu, 2),
         "transactions": int(total(m, "booking_worker_db_transactions_total", result="committed")),
+        "parked": int(total(m, "booking_worker_events_total", end="parked")),
         "mean_channel_depth": round(sum(depths) / len(depths)) if depths else None,
     }
 
