@@ -64,27 +64,10 @@ impl TopicTable {
     }
 }
 
-/// The librdkafka properties of the worker's consumer: safe defaults, then the configured ones.
+/// The librdkafka properties of the worker's consumer, as `config` built and checked them
+/// ([`crate::config::kafka_properties`]): the worker's own, then the configured ones.
 pub fn consumer_config(config: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.brokers)
-        .set("group.id", &config.group_id)
-        .set("client.id", "booking-worker")
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", config.start_from.offset_reset())
-        .set(
-            "allow.auto.create.topics",
-            if config.allow_auto_create_topics {
-                "true"
-            } else {
-                "false"
-            },
-        )
-        .set("group.protocol", config.group_protocol.as_str())
-        .set("enable.partition.eof", "false")
-        .set("topic.metadata.refresh.interval.ms", "10000");
     for (key, value) in &config.properties {
         cc.set(key, value);
     }
