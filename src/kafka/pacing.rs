@@ -18,6 +18,15 @@ pub(super) enum Pacing {
     Cancellation(CancellationGate),
 }
 
+/// What a partition thread's poll came to, as the pacing sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Polled {
+    /// The poll found no record.
+    Nothing,
+    /// A record was handed on to the writers, with its Kafka timestamp when it has one.
+    HandedOn { produced_at_ms: Option<i64> },
+}
+
 impl Pacing {
     pub(super) fn of(kind: EventKind, horizon: Option<&Arc<Horizon>>) -> Pacing {
         match (kind, horizon) {
@@ -46,12 +55,12 @@ impl Pacing {
         }
     }
 
-    /// After a record was handed on (`Some`), or a poll found nothing (`None`).
-    pub(super) fn after(&self, produced_at_ms: Option<Option<i64>>) {
+    /// After a poll: a booking partition publishes the record it handed on, or that it is idle.
+    pub(super) fn after(&self, polled: Polled) {
         if let Pacing::Booking(slot) = self {
-            match produced_at_ms {
-                Some(at) => slot.handed_on(at, align::now_ms()),
-                None => slot.idle(),
+            match polled {
+                Polled::HandedOn { produced_at_ms } => slot.handed_on(produced_at_ms, align::now_ms()),
+                Polled::Nothing => slot.idle(),
             }
         }
     }

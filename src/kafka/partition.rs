@@ -1,7 +1,7 @@
 //! The partition threads: one named thread per assigned topic-partition, reading that partition's
 //! split queue and handing its records to the writers until it is told to stop, then joined.
 
-use super::pacing::Pacing;
+use super::pacing::{Pacing, Polled};
 use super::record::to_work;
 use super::{WorkerContext, POLL_INTERVAL};
 use crate::models::EventKind;
@@ -81,7 +81,7 @@ impl PartitionReader {
         while !stopped() {
             fail::fail_point!("partition-thread");
             match self.queue.poll(POLL_INTERVAL) {
-                None => self.pacing.after(None),
+                None => self.pacing.after(Polled::Nothing),
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadCompression))) => {
                     log::error!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
                         error = "BadCompression";
@@ -99,7 +99,7 @@ impl PartitionReader {
                     if !self.pacing.before(&work, &stopped) || !self.dispatcher.dispatch(work, &stopped) {
                         break;
                     }
-                    self.pacing.after(Some(produced_at_ms));
+                    self.pacing.after(Polled::HandedOn { produced_at_ms });
                 }
             }
         }
