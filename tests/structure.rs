@@ -1,6 +1,7 @@
 //! The shape of `src/`, checked without services: its modules form layers (each uses only those
 //! that `src/lib.rs` declares above it, so there is no import cycle), every file opens with a
-//! `//!` line saying what it is for, and every function fits on a screen.
+//! `//!` line saying what it is for, and every function fits on a screen. And the docs against the
+//! code's tables: the README names exactly the `KAFKA_PROP_*` properties the code refuses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -252,4 +253,35 @@ fn the_function_lengths_are_measured() {
                 pub(super) fn c() {\n}\npub(in crate::x) unsafe fn d() {\n}\n";
     let names = |f: Vec<(String, usize)>| f.into_iter().map(|(n, l)| format!("{n}:{l}")).collect::<Vec<_>>();
     assert_eq!(names(functions(text)), ["a:3", "b:6", "c:2", "d:2"]);
+}
+
+/// The header that opens the README's table of the properties `KAFKA_PROP_*` may not set.
+const REFUSED_TABLE_HEADER: &str = "| refused property |";
+
+/// The properties the README's table of refused properties names: the first `` `name` `` of each
+/// row after its header and separator, up to the first line that is not such a row.
+fn readme_refused_properties() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let mut lines = readme.lines().skip_while(|l| !l.starts_with(REFUSED_TABLE_HEADER));
+    assert!(
+        lines.next().is_some(),
+        "README.md has a table headed `{REFUSED_TABLE_HEADER}`"
+    );
+    lines
+        .skip(1)
+        .map_while(|l| Some(l.strip_prefix("| `")?.split_once('`')?.0.to_string()))
+        .collect()
+}
+
+#[test]
+fn the_readme_names_every_refused_kafka_property_and_no_other() {
+    let code: BTreeSet<String> = booking_worker::config::REFUSED_PROPERTIES
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    assert_eq!(
+        readme_refused_properties(),
+        code,
+        "the README's table headed `{REFUSED_TABLE_HEADER}` and config::REFUSED_PROPERTIES"
+    );
 }
