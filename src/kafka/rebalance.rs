@@ -1,7 +1,6 @@
-//! The consumer's context: what librdkafka calls back on the thread that polls the main queue.
-//! A rebalance starts the partition threads of an assignment and, on a revocation, stops them,
-//! waits for their records in flight and commits the durable watermark; commit results, statistics
-//! (lag, broker contact) and client errors are reported.
+//! The consumer's context: the callbacks librdkafka makes on the thread that polls the main queue.
+//! Rebalances start and stop the partition threads (the order of each step is in the `kafka`
+//! module docs); commit results, statistics (lag, broker contact) and client errors are reported.
 
 use super::pacing::Pacing;
 use super::partition::{stop_threads, PartitionReader, PartitionThread};
