@@ -1,6 +1,7 @@
 //! The worker's configuration: the settings as declared in [`settings`] (read through clap from
-//! the environment, with the Go worker's names and defaults) and the `KAFKA_PROP_*` pass-through,
-//! checked together into a [`Config`]. Every refused value names its variable and what it accepts.
+//! the environment, with the Go worker's names and defaults) and the `KAFKA_PROP_*` pass-through
+//! (its tables in [`kafka_properties`]), checked together into a [`Config`]. Every refused value
+//! names its variable and what it accepts.
 
 pub mod kafka_properties;
 pub mod settings;
