@@ -1,8 +1,9 @@
 //! The shape of `src/`, checked without services: its modules form layers (each uses only those
 //! that `src/lib.rs` declares above it, so there is no import cycle), every file opens with a
 //! `//!` line saying what it is for, and every function fits on a screen; and the docs name what
-//! the code declares: the README's exit codes are `src/exit.rs`'s, every metric the docs name is
-//! one `src/metrics.rs` declares, and the README names every one of them.
+//! the code declares: the README's exit codes are `src/exit.rs`'s, its refused `KAFKA_PROP_*`
+//! properties are the code's, every metric the docs name is one `src/metrics.rs` declares, and the
+//! README names every one of them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -343,4 +344,36 @@ fn metric_names_are_found_as_whole_words() {
     let text = "`booking_worker_ready`, booking_worker_halts_total{x}; not_booking_worker_a, BOOKING_WORKER_B";
     let names: Vec<String> = metric_names(text).into_iter().collect();
     assert_eq!(names, ["booking_worker_halts_total", "booking_worker_ready"]);
+}
+
+/// The header that opens the README's table of the properties `KAFKA_PROP_*` may not set.
+const REFUSED_TABLE_HEADER: &str = "| refused property | why |";
+
+/// The properties the README's table of refused properties names: every `` `name` `` of each
+/// row's first cell.
+fn readme_refused_properties() -> BTreeSet<String> {
+    readme_table(REFUSED_TABLE_HEADER)
+        .iter()
+        .flat_map(|row| {
+            row[0]
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_names_every_refused_kafka_property_and_no_other() {
+    let code: BTreeSet<String> = booking_worker::config::REFUSED_PROPERTIES
+        .iter()
+        .map(|(name, _)| name.to_string())
+        .collect();
+    assert_eq!(
+        readme_refused_properties(),
+        code,
+        "the README's table headed `{REFUSED_TABLE_HEADER}` and config::REFUSED_PROPERTIES"
+    );
 }

@@ -9,55 +9,21 @@
 //! - a value that is not UTF-8 is refused like any bad value;
 //! - the password is never logged, and `--help` shows no variable's current value.
 //!
-//! The librdkafka properties set here: those of the `KAFKA_*` settings, `queued.min.messages`
-//! 1000 (a partition is fetched again before its queue runs dry), and `receive.message.max.bytes`
-//! of at least 32 MiB, since librdkafka also caps a decompressed record batch with it (a 3 MiB
-//! record, compressed by its producer, would otherwise stall its partition for good). The
-//! `KAFKA_PROP_*` pass-through comes after them and replaces them.
+//! Every librdkafka property the worker sets, and every one the pass-through may not set, is a row
+//! of [`kafka_properties`] with its reason; the pass-through comes after the worker's own and
+//! replaces them.
 
+pub mod kafka_properties;
 pub mod settings;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
+pub use kafka_properties::{
+    receive_message_max_bytes, KAFKA_PROPERTY_PREFIX, MIN_RECEIVE_MESSAGE_MAX_BYTES, REFUSED_PROPERTIES,
+};
 pub use settings::{MetricsAddr, PoolSize, Settings};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-/// Prefix of environment variables passed through to librdkafka: `KAFKA_PROP_SECURITY_PROTOCOL=ssl`
-/// becomes `security.protocol=ssl`.
-pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROP_";
-
-/// The librdkafka properties that `KAFKA_PROP_*` may not set, because the worker's correctness
-/// relies on them (or a setting of its own sets them), with what to do instead.
-pub const REFUSED_PROPERTIES: &[(&str, &str)] = &[
-    ("group.id", "KAFKA_GROUP_ID sets it"),
-    ("bootstrap.servers", "KAFKA_BROKERS sets it"),
-    ("metadata.broker.list", "KAFKA_BROKERS sets it"),
-    (
-        "enable.auto.commit",
-        "the worker commits only offsets whose records are durable, through enable.auto.commit=true \
-         with enable.auto.offset.store=false",
-    ),
-    (
-        "enable.auto.offset.store",
-        "the worker stores an offset only once its record is durable in PostgreSQL",
-    ),
-    ("auto.offset.reset", "KAFKA_START_FROM sets it"),
-    ("allow.auto.create.topics", "KAFKA_ALLOW_AUTO_CREATE_TOPICS sets it"),
-    ("group.protocol", "KAFKA_GROUP_PROTOCOL sets it"),
-    (
-        "enable.partition.eof",
-        "the partition threads read their queues without end-of-partition events",
-    ),
-    (
-        "isolation.level",
-        "the worker reads committed records only (read_committed): an aborted booking must not apply",
-    ),
-    (
-        "offset.store.method",
-        "offsets are stored in the group, through the broker",
-    ),
-];
 
 /// A configuration value that cannot be used, naming the variable and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,8 +117,8 @@ pub struct KafkaConfig {
     pub group_id: String,
     pub booking_topic: String,
     pub cancellation_topic: String,
-    /// librdkafka properties: the worker's defaults first, then the `KAFKA_PROP_*` pass-through,
-    /// which wins.
+    /// Every librdkafka property of the consumer: the worker's own first
+    /// ([`kafka_properties::WORKER_PROPERTIES`]), then the `KAFKA_PROP_*` pass-through, which wins.
     pub properties: Vec<(String, String)>,
     /// Where a partition without a committed offset starts.
     pub start_from: StartFrom,
@@ -166,14 +132,6 @@ pub struct KafkaConfig {
     /// client's statistics, which tell it, are turned off.
     pub unreachable_ready_after: Option<Duration>,
 }
-
-/// Properties of the classic group protocol that librdkafka refuses under KIP-848's.
-const CLASSIC_ONLY_PROPERTIES: &[&str] = &[
-    "session.timeout.ms",
-    "heartbeat.interval.ms",
-    "partition.assignment.strategy",
-    "group.protocol.type",
-];
 
 /// `KAFKA_GROUP_PROTOCOL`: the consumer group protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,26 +223,6 @@ pub struct Config {
     pub stats_log_interval: Option<Duration>,
 }
 
-/// librdkafka's `queued.min.messages` for the consumer (see [`kafka_properties`]).
-const QUEUED_MIN_MESSAGES: &str = "1000";
-
-/// The least `receive.message.max.bytes` the consumer gets: 32 MiB.
-///
-/// librdkafka also uses this property as the cap on a record batch's size once decompressed. When
-/// a zstd frame does not state its size, the output buffer grows in steps of about 4x and gives up
-/// at the first step above the cap, so a batch that decompresses to more than about a quarter of
-/// the cap fails with "Invalid compressed data" on every fetch, and its partition never moves
-/// again: one large (still valid) record would stop the worker. 32 MiB lets batches of several
-/// MiB through whatever their compression; the memory is taken only while such a batch is being
-/// decompressed (how much is fetched and queued is bounded by the fetch settings, not by this).
-pub const MIN_RECEIVE_MESSAGE_MAX_BYTES: u64 = 32 * 1024 * 1024;
-
-/// `receive.message.max.bytes`: above the largest fetch response (librdkafka requires it), and
-/// never below [`MIN_RECEIVE_MESSAGE_MAX_BYTES`].
-pub fn receive_message_max_bytes(fetch_max_bytes: u64, partition_fetch_bytes: u64) -> u64 {
-    (fetch_max_bytes.max(partition_fetch_bytes) + 1024 * 1024).max(MIN_RECEIVE_MESSAGE_MAX_BYTES)
-}
-
 /// The settings alone, as a command of their own: for [`Config::from_vars`] and the checks of
 /// what documents them.
 #[derive(Parser)]
@@ -335,7 +273,7 @@ impl Config {
     /// Checks the settings together and builds the configuration; `passthrough` holds the
     /// `KAFKA_PROP_*` variables.
     pub fn new(s: &Settings, passthrough: &[(String, String)]) -> Result<Config, ConfigError> {
-        let kafka = kafka_config(s, kafka_properties(s, passthrough)?)?;
+        let kafka = kafka_config(s, kafka_properties::consumer_properties(s, passthrough)?)?;
         Ok(Config {
             database: database_config(s),
             kafka,
@@ -402,19 +340,7 @@ fn kafka_config(s: &Settings, properties: Vec<(String, String)>) -> Result<Kafka
             "a topic different from KAFKA_BOOKING_TOPIC",
         ));
     }
-    if s.kafka_group_protocol == GroupProtocol::Consumer {
-        if let Some((name, value)) = properties
-            .iter()
-            .find(|(n, _)| CLASSIC_ONLY_PROPERTIES.contains(&n.as_str()))
-        {
-            let variable = format!("{KAFKA_PROPERTY_PREFIX}{}", name.to_ascii_uppercase().replace('.', "_"));
-            return Err(invalid(
-                &variable,
-                value,
-                "not to be set with KAFKA_GROUP_PROTOCOL=consumer: the broker's group.consumer.* settings apply",
-            ));
-        }
-    }
+    kafka_properties::check_group_protocol(s.kafka_group_protocol, &properties)?;
     let statistics_on = properties
         .iter()
         .rev()
@@ -432,61 +358,6 @@ fn kafka_config(s: &Settings, properties: Vec<(String, String)>) -> Result<Kafka
         allow_auto_create_topics: s.kafka_allow_auto_create_topics,
         group_protocol: s.kafka_group_protocol,
     })
-}
-
-/// librdkafka's properties: the worker's own first, then the `KAFKA_PROP_*` pass-through, which
-/// replaces them but may not set what the worker relies on.
-fn kafka_properties(s: &Settings, passthrough: &[(String, String)]) -> Result<Vec<(String, String)>, ConfigError> {
-    let receive_max = receive_message_max_bytes(s.kafka_fetch_max_bytes, s.kafka_max_partition_fetch_bytes);
-    let mut properties: Vec<(String, String)> = vec![
-        (
-            "queued.max.messages.kbytes".into(),
-            s.kafka_queued_max_kbytes.to_string(),
-        ),
-        // A partition is fetched again while its queue holds fewer records than this and less
-        // than queued.max.messages.kbytes, so a steady stream's next records are on their way
-        // before the queue runs dry, instead of waiting for a fetch in flight (up to
-        // fetch.wait.max.ms) that left the partition out. The byte cap bounds what it holds.
-        ("queued.min.messages".into(), QUEUED_MIN_MESSAGES.into()),
-        ("fetch.max.bytes".into(), s.kafka_fetch_max_bytes.to_string()),
-        (
-            "max.partition.fetch.bytes".into(),
-            s.kafka_max_partition_fetch_bytes.to_string(),
-        ),
-        (
-            "fetch.queue.backoff.ms".into(),
-            s.kafka_fetch_queue_backoff_ms.to_string(),
-        ),
-        // One fetch request per broker is in flight at a time, and the broker holds it this long
-        // when none of its partitions has new records: with librdkafka's 500 ms, a caught-up
-        // partition stalls the others at every refetch.
-        ("fetch.wait.max.ms".into(), s.kafka_fetch_wait_max_ms.to_string()),
-        ("receive.message.max.bytes".into(), receive_max.to_string()),
-        ("statistics.interval.ms".into(), s.kafka_stats_interval_ms.to_string()),
-    ];
-    let mut given: Vec<(String, &str, &str)> = passthrough
-        .iter()
-        .filter_map(|(k, v)| {
-            let name = k.strip_prefix(KAFKA_PROPERTY_PREFIX)?;
-            Some((name.to_ascii_lowercase().replace('_', "."), v.as_str(), k.as_str()))
-        })
-        .collect();
-    given.sort();
-    for (name, value, variable) in given {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
-            return Err(invalid(
-                variable,
-                value,
-                "a librdkafka property name after the prefix, such as KAFKA_PROP_SECURITY_PROTOCOL",
-            ));
-        }
-        if let Some((_, instead)) = REFUSED_PROPERTIES.iter().find(|(p, _)| *p == name) {
-            return Err(invalid(variable, value, &format!("not to be set: {instead}")));
-        }
-        properties.retain(|(k, _)| *k != name);
-        properties.push((name, value.to_string()));
-    }
-    Ok(properties)
 }
 
 fn pipeline_config(s: &Settings) -> PipelineConfig {
