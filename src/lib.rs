@@ -133,8 +133,7 @@
 //! incremental and whose session settings are the broker's (`group.consumer.*`).
 //!
 //! The poll loops look at their stop flags every 250 ms, so a revocation or a shutdown waits at most
-//! that long for a partition thread. Under `ALIGN_CANCELLATIONS` the partition threads publish and
-//! wait on the horizon of `align`.
+//! that long for a partition thread.
 //!
 //! ## writer
 //!
@@ -264,8 +263,6 @@ pub mod offsets;
 
 // What travels from the partition threads to the writers, and the state the threads share.
 pub mod budget;
-
-pub mod align;
 
 pub mod pipeline;
 

@@ -13,7 +13,7 @@ use crate::readiness::{self, BrokerLink, DatabaseAnswers, DatabaseProbe, Readine
 use crate::repository::{self, MigrateError};
 use crate::shutdown::Shutdown;
 use crate::writer::{WriterPool, WriterWiring};
-use crate::{align, budget, handlers, http, kafka, notify, observe};
+use crate::{budget, handlers, http, kafka, notify, observe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -206,7 +206,6 @@ fn run_pipeline(config: &Config, pool: Pool, shared: Shared, shutdown: &Shutdown
         broker: shared.broker,
         max_payload_bytes: config.pipeline.max_payload_bytes,
         drain_timeout: config.pipeline.rebalance_drain_timeout,
-        horizon: config.pipeline.align_cancellations.then(align::Horizon::new),
     };
     let result = match kafka::Worker::start(&config.kafka, dispatcher, wiring) {
         Ok(worker) => consume_until_shutdown(worker, writers, shutdown),

@@ -199,9 +199,6 @@ pub struct PipelineConfig {
     /// Whether a booking adopts a matching row the Go worker wrote (no external id) instead of
     /// inserting a second one.
     pub adopt_legacy_rows: bool,
-    /// Whether cancellations wait for the booking partitions while they drain a backlog
-    /// ([`crate::align`]).
-    pub align_cancellations: bool,
     /// Consecutive records refused by the database after which the worker halts instead of
     /// dead-lettering more; zero never halts for this.
     pub reject_halt_after: u32,
@@ -370,7 +367,6 @@ fn pipeline_config(s: &Settings) -> PipelineConfig {
         max_in_flight_bytes: s.max_in_flight_bytes,
         retry_max_backoff: Duration::from_millis(s.retry_max_backoff_ms),
         adopt_legacy_rows: s.adopt_legacy_rows,
-        align_cancellations: s.align_cancellations,
         reject_halt_after: s.db_reject_halt_after,
         rebalance_drain_timeout: Duration::from_secs(s.rebalance_drain_timeout_secs),
         pending_cancellation_ttl: Duration::from_secs(s.pending_cancellation_ttl_secs),

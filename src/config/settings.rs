@@ -129,9 +129,6 @@ pub struct Settings {
     /// A booking adopts the matching row the Go worker wrote instead of inserting it again
     #[arg(long, env, default_value = "true", action = ArgAction::Set, value_parser = boolean())]
     pub adopt_legacy_rows: bool,
-    /// While the bookings drain a backlog, a cancellation waits until they reach its time, so that it meets its booking instead of being parked
-    #[arg(long, env, default_value = "true", action = ArgAction::Set, value_parser = boolean())]
-    pub align_cancellations: bool,
     /// How long a revocation waits for in-flight events, seconds
     #[arg(long, env, default_value = "30", value_parser = integer::<u64>(0, 3600))]
     pub rebalance_drain_timeout_secs: u64,

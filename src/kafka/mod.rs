@@ -16,11 +16,10 @@
 //! in [`crate::config::kafka_properties`]), `topics.rs` (the table of topics, and waiting for them
 //! at the start), `rebalance.rs` (the consumer's context: assignment, revocation, commits,
 //! statistics), `start.rs` (`KAFKA_START_FROM`), `partition.rs` (the partition threads),
-//! `pacing.rs` (`ALIGN_CANCELLATIONS`), `record.rs` (headers, and the work a record becomes). This
+//! `record.rs` (headers, and the work a record becomes). This
 //! file holds the [`Worker`]: its start, the poll loop and the final commit.
 
 mod client;
-mod pacing;
 mod partition;
 mod rebalance;
 mod record;

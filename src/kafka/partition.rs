@@ -1,7 +1,6 @@
 //! The partition threads: one named thread per assigned topic-partition, reading that partition's
 //! split queue and handing its records to the writers until it is told to stop, then joined.
 
-use super::pacing::{Pacing, Polled};
 use super::record::to_work;
 use super::{WorkerContext, POLL_INTERVAL};
 use crate::models::EventKind;
@@ -71,17 +70,16 @@ pub(super) struct PartitionReader {
     pub(super) dispatcher: Dispatcher,
     pub(super) stop: Arc<AtomicBool>,
     pub(super) max_payload_bytes: usize,
-    pub(super) pacing: Pacing,
 }
 
 impl PartitionReader {
-    fn run(mut self) {
+    fn run(self) {
         let stop = Arc::clone(&self.stop);
         let stopped = || stop.load(Ordering::SeqCst);
         while !stopped() {
             fail::fail_point!("partition-thread");
             match self.queue.poll(POLL_INTERVAL) {
-                None => self.pacing.after(Polled::Nothing),
+                None => {}
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadCompression))) => {
                     log::error!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
                         error = "BadCompression";
@@ -95,11 +93,9 @@ impl PartitionReader {
                     // The message pins its whole decompressed record batch inside librdkafka;
                     // release it before waiting for room in a writer's channel.
                     drop(message);
-                    let produced_at_ms = work.meta().produced_at_ms;
-                    if !self.pacing.before(&work, &stopped) || !self.dispatcher.dispatch(work, &stopped) {
+                    if !self.dispatcher.dispatch(work, &stopped) {
                         break;
                     }
-                    self.pacing.after(Polled::HandedOn { produced_at_ms });
                 }
             }
         }

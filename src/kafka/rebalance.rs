@@ -2,15 +2,12 @@
 //! Rebalances start and stop the partition threads (the order of each step is in the `kafka`
 //! module docs); commit results, statistics (lag, broker contact) and client errors are reported.
 
-use super::pacing::Pacing;
 use super::partition::{stop_threads, PartitionReader, PartitionThread};
 use super::start::position_at_time;
 use super::topics::TopicTable;
-use crate::align::Horizon;
 use crate::config::StartFrom;
 use crate::health::{Assignment, Health};
 use crate::metrics::Metrics;
-use crate::models::EventKind;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::readiness::BrokerLink;
 use crate::writer::Dispatcher;
@@ -51,8 +48,6 @@ pub struct ConsumerWiring {
     pub broker: Arc<BrokerLink>,
     pub max_payload_bytes: usize,
     pub drain_timeout: Duration,
-    /// The booking partitions' horizon, when cancellations wait for it (`ALIGN_CANCELLATIONS`).
-    pub horizon: Option<Arc<Horizon>>,
 }
 
 impl WorkerContext {
@@ -91,11 +86,7 @@ impl WorkerContext {
             log::error!("rebalance before the consumer was ready; partitions fall back to the main queue");
             return;
         };
-        // The booking partitions first, so that their horizon is in place when a cancellation
-        // partition thread starts looking at it.
-        let mut elements = tpl.elements();
-        elements.sort_by_key(|e| self.topics.kind(e.topic()) != Some(EventKind::Booking));
-        for elem in elements {
+        for elem in tpl.elements() {
             let tp = TopicPartition::new(elem.topic(), elem.partition());
             let Some(thread) = self.start_partition(&consumer, &dispatcher, &tp) else {
                 continue;
@@ -133,7 +124,6 @@ impl WorkerContext {
             dispatcher: dispatcher.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             max_payload_bytes: self.wiring.max_payload_bytes,
-            pacing: Pacing::of(kind, self.wiring.horizon.as_ref()),
         };
         PartitionThread::spawn(reader)
             .map_err(|e| log::error!(error = e.to_string(); "could not start a partition thread"))
