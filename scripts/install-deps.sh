@@ -14,7 +14,7 @@
 #     debian:bookworm-slim (no image registry is needed)
 #   - Prometheus and promtool (Debian's prometheus package): the unit tests
 #     of the alert rules and the dashboard test (scripts/monitoring/,
-#     tests/monitoring.rs). The package would start and enable its own
+#     tests/it/monitoring.rs). The package would start and enable its own
 #     server on port 9090; it is installed with service starts refused, and
 #     its unit disabled, since the tests start theirs on free ports
 #   - rustup components rustfmt and clippy

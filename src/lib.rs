@@ -3,7 +3,7 @@
 //!
 //! [`run`] is the whole service; the binary parses the command line, installs the signal handler
 //! and maps the result to an exit code. The modules are listed in layers: each uses only those above
-//! it (`tests/structure.rs` checks it), so there is no import cycle.
+//! it (`tests/it/structure.rs` checks it), so there is no import cycle.
 //!
 //! # The data flow
 //!

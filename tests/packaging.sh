@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks of booking-worker's packaging files that neither a linter nor a real
-# run makes. The container tests (tests/container.rs, tests/systemd.rs) build
+# run makes. The container tests (tests/it/container.rs, tests/it/systemd.rs) build
 # the image from the Dockerfile with a prebuilt binary and run it, and run the
 # unit under systemd; what those runs show is not checked again here.
 #

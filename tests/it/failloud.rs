@@ -3,7 +3,7 @@
 //! dead letters dead; memory stays bounded under records near the size limit and a flood of
 //! cancellations for one booking; settings that would break the invariants are refused.
 
-mod common;
+use crate::common;
 
 use common::{booking_json, cancel_json, unique, wait_for, Setup, WorkerProcess, WAIT};
 use std::time::{Duration, Instant};

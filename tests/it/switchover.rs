@@ -3,14 +3,14 @@
 //! duplicate check finds nothing; a fresh broker gives a clean first start and a readiness that
 //! means every topic is assigned; `KAFKA_START_FROM` places a new group.
 
-mod common;
+use crate::common;
 
 use common::{booking_json, cancel_json, http_get, metric_sum, parse_prometheus, unique, wait_for, Setup, WAIT};
 use std::time::Duration;
 
 /// The duplicate check of the README's "Replacing the Go worker" section, as written there.
 fn readme_duplicate_check() -> String {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let section = readme
         .split("## Replacing the Go worker")
         .nth(1)

@@ -2,7 +2,7 @@
 //! goes through the real broker and comes back through a split partition queue, and a query
 //! round-trips through the r2d2 pool against the schema in `sql/`.
 
-mod common;
+use crate::common;
 
 use booking_worker::baggage::{self, HeaderBaggage};
 use booking_worker::config::Config;

@@ -2,7 +2,7 @@
 //! cancellations, bad records, baggage in the logs, a database outage, SIGTERM and restart, and two
 //! instances sharing a group.
 
-mod common;
+use crate::common;
 
 use common::{booking_json, unique, wait_for, CuttableProxy, Setup, WorkerProcess, WAIT};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! loses and doubles nothing. The base image is a local stand-in built from Debian's packages
 //! (`scripts/container-image.sh`).
 
-mod common;
+use crate::common;
 
 use common::{wait_for, Setup, WAIT};
 use std::collections::HashMap;

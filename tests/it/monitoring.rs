@@ -3,7 +3,7 @@
 //! the grant's return resolves it; a malformed record fires the dead-letters alert; every panel of
 //! the dashboard evaluates, and those the scenario exercises return data.
 
-mod common;
+use crate::common;
 
 use common::{free_local_addr, http_get, unique, wait_for, Setup, WAIT};
 use serde_json::Value;

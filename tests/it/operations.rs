@@ -3,7 +3,7 @@
 //! while the database or the broker hangs (SIGSTOP of services of the test's own), and every
 //! subcommand.
 
-mod common;
+use crate::common;
 
 use booking_worker::readiness;
 use common::own::{Frozen, OwnBroker, OwnPostgres};

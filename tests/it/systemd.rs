@@ -7,7 +7,7 @@
 //! within `TimeoutStopSec`, is restarted after a `kill -9`, is not restarted after an invalid
 //! configuration (exit 2), and its `MemoryMax` is reported as seen.
 
-mod common;
+use crate::common;
 
 use common::container_script as script;
 use common::{http_get, metric_sum, parse_prometheus, wait_for, Setup, WAIT};

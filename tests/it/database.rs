@@ -4,7 +4,7 @@
 //! refuses is dead-lettered alone with its SQLSTATE; the circuit breaker; the server's time zone;
 //! online migrations; `DB_MIGRATE`; TLS modes; named threads.
 
-mod common;
+use crate::common;
 
 use booking_worker::config::Config;
 use booking_worker::database::{ErrorClass, Pool};
@@ -458,7 +458,7 @@ fn worker_command(env: &[(String, String)], args: &[&str]) -> std::process::Outp
 fn a_migration_never_blocks_booking_managements_inserts_longer_than_its_lock_timeout() {
     let Some(services) = common::services() else { return };
     let db = TestDb::create_empty(&services, "online");
-    db.exec(include_str!("../sql/schema.sql"));
+    db.exec(include_str!("../../sql/schema.sql"));
     let user = db.user("owner@example.com", "owner");
     let room = db.room("room_1");
     db.exec(&format!(
@@ -565,7 +565,7 @@ fn an_invalid_index_left_by_a_failed_build_is_dropped_and_built_again() {
 fn a_pending_migration_the_worker_may_not_apply_refuses_the_start_with_exit_7() {
     let Some(s) = Setup::new("pending") else { return };
     let fresh = TestDb::create_empty(&s.services, "pending_fresh");
-    fresh.exec(include_str!("../sql/schema.sql"));
+    fresh.exec(include_str!("../../sql/schema.sql"));
     let mut env = s.env();
     env.retain(|(k, _)| k != "DB_NAME");
     env.push(("DB_NAME".into(), fresh.name.clone()));

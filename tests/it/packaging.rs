@@ -1,5 +1,5 @@
 //! Runs `tests/packaging.sh`, the static checks of the packaging files that the real runs of
-//! `tests/container.rs` and `tests/systemd.rs` cannot make: the linters (hadolint,
+//! `tests/it/container.rs` and `tests/it/systemd.rs` cannot make: the linters (hadolint,
 //! `systemd-analyze verify`, shellcheck), the Dockerfile's build stages and build context, and the
 //! drain deadline of the unit and the Okteto manifest.
 
