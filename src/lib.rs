@@ -187,7 +187,8 @@
 //!   once however often its batch is retried): see `halt`.
 //! - `booking_worker_consumer_lag{topic,partition}`: librdkafka's `consumer_lag_stored`.
 //! - `booking_worker_dead_letters_total{reason}` (including expired parked cancellations and
-//!   released unauthorized ones), `booking_worker_parked_cancellations` (waiting now) and
+//!   released unauthorized ones), `booking_worker_parked_cancellations` (waiting now, with
+//!   `booking_worker_oldest_parked_age_seconds`, both as of the last expiry check) and
 //!   `booking_worker_parked_outcomes_total{outcome,reason}` (what became of those that left the
 //!   parking, with the words of their log lines).
 //! - `booking_worker_channel_depth`, `booking_worker_in_flight_bytes`,

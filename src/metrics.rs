@@ -46,6 +46,10 @@ const PARKED: Describe = (
     "booking_worker_parked_cancellations",
     "Cancellations waiting for their booking.",
 );
+const OLDEST_PARKED_AGE: Describe = (
+    "booking_worker_oldest_parked_age_seconds",
+    "Seconds since the oldest parked cancellation was parked (0 when none is), as of the last expiry check.",
+);
 const CHANNEL_DEPTH: Describe = (
     "booking_worker_channel_depth",
     "Records queued between partition threads and writers.",
@@ -93,6 +97,7 @@ pub struct Metrics {
     batch_size: Histogram,
     lag: IntGaugeVec,
     parked: IntGauge,
+    oldest_parked_age: Gauge,
     channel_depth: IntGauge,
     in_flight_bytes: IntGauge,
     assigned: IntGauge,
@@ -127,6 +132,7 @@ impl Metrics {
             ),
             lag: registered(&r, IntGaugeVec::new(Opts::new(LAG.0, LAG.1), &["topic", "partition"])),
             parked: gauge(&r, PARKED),
+            oldest_parked_age: registered(&r, Gauge::new(OLDEST_PARKED_AGE.0, OLDEST_PARKED_AGE.1)),
             channel_depth: gauge(&r, CHANNEL_DEPTH),
             in_flight_bytes: gauge(&r, IN_FLIGHT_BYTES),
             assigned: gauge(&r, ASSIGNED),
@@ -195,8 +201,10 @@ impl Metrics {
         let _ = self.lag.remove_label_values(&[topic, &partition.to_string()]);
     }
 
-    pub fn set_parked(&self, n: i64) {
+    /// The parked cancellations now: how many, and the oldest one's age.
+    pub fn set_parked(&self, n: i64, oldest_age_secs: f64) {
         self.parked.set(n);
+        self.oldest_parked_age.set(oldest_age_secs);
     }
 
     pub fn set_channel_depth(&self, n: usize) {

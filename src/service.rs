@@ -343,10 +343,10 @@ fn spawn_housekeeping(
 fn expire_parked(pool: &Pool, ttl: Duration, metrics: &Metrics) {
     let result = pool.get().and_then(|mut conn| {
         handlers::expire_parked(conn.client(), ttl, &mut |page| observe::parked_expired(metrics, page))?;
-        repository::count_parked(conn.client())
+        repository::parked_now(conn.client())
     });
     match result {
-        Ok(parked) => metrics.set_parked(parked),
+        Ok(parked) => metrics.set_parked(parked.count, parked.oldest_age_secs),
         Err(e) => log::warn!(error = e.to_string(); "could not expire parked cancellations; will retry"),
     }
 }

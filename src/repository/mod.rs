@@ -652,14 +652,34 @@ pub fn take_expired_parked<C: GenericClient>(
     parked_rows(&rows)
 }
 
-/// How many cancellations are parked.
-pub fn count_parked<C: GenericClient>(conn: &mut C) -> Result<i64, DbError> {
+/// The parked cancellations at a glance: how many, and how long ago the oldest was parked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParkedNow {
+    pub count: i64,
+    /// Seconds since the oldest was parked; 0 when none is.
+    pub oldest_age_secs: f64,
+}
+
+/// How many cancellations are parked, and the age of the oldest (the index on `parked_at` keeps
+/// it cheap).
+pub fn parked_now<C: GenericClient>(conn: &mut C) -> Result<ParkedNow, DbError> {
     let rows = query(
         conn,
-        "SELECT count(*) AS n FROM booking_worker.pending_cancellations",
+        "SELECT count(*) AS n,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(parked_at)), 0)::float8 AS oldest
+           FROM booking_worker.pending_cancellations",
         &[],
     )?;
-    rows.first().map_or(Ok(0), |r| get(r, "n"))
+    let Some(row) = rows.first() else {
+        return Ok(ParkedNow {
+            count: 0,
+            oldest_age_secs: 0.0,
+        });
+    };
+    Ok(ParkedNow {
+        count: get(row, "n")?,
+        oldest_age_secs: get(row, "oldest")?,
+    })
 }
 
 /// Which of these records are already dead-lettered, as (topic, partition, offset).

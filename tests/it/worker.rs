@@ -550,13 +550,24 @@ fn a_parked_cancellation_has_one_end_line_and_one_outcome_line() {
     s.db.room("room_1");
     s.cancel("first_cancel", "owner");
     s.producer.flush();
-    let worker = s.start("oneend");
+    let worker = s.start_with("oneend", &[("PENDING_CHECK_INTERVAL_SECS", "1")]);
     wait_for("the parked cancellation", WAIT, || s.db.parked() == ["first_cancel"]);
+    let gauge = |name: &str| {
+        common::http_get(&worker.metrics_addr, "/metrics").map_or(f64::NAN, |(_, text)| {
+            common::metric_sum(&common::parse_prometheus(&text), name, &[])
+        })
+    };
+    wait_for("the parked gauges to see it for over a second", WAIT, || {
+        gauge("booking_worker_parked_cancellations") == 1.0 && gauge("booking_worker_oldest_parked_age_seconds") > 1.0
+    });
     s.book("first_cancel", "owner", "room_1");
     s.producer.flush();
     s.wait_status("first_cancel", "Cancelled");
     wait_for("the released line", WAIT, || {
         worker.logged("parked cancellation applied")
+    });
+    wait_for("the parked gauges back to 0", WAIT, || {
+        gauge("booking_worker_parked_cancellations") == 0.0 && gauge("booking_worker_oldest_parked_age_seconds") == 0.0
     });
     assert_eq!(
         total_ends(&worker),
