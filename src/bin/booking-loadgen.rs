@@ -63,7 +63,7 @@ struct Args {
         default_value = "room_ocean_001,room_ocean_002,room_garden_101,room_city_201"
     )]
     rooms: Vec<String>,
-    /// Prefix of the generated booking ids [default: lg<unix time>].
+    /// Prefix of the generated booking ids (default: `lg` and the Unix time).
     #[arg(long)]
     id_prefix: Option<String>,
     /// Random seed; the same seed and options give the same stream.
