@@ -2,12 +2,12 @@
 //! `dead-letters replay` and `healthcheck`. Each returns an [`ExitStatus`]; only `main` exits.
 
 use crate::config::Config;
-use crate::database::{DbError, Pool};
+use crate::database::{DbError, ErrorClass, Pool};
 use crate::handlers;
 use crate::http;
 use crate::kafka::{self, TopicTable};
 use crate::models::EventKind;
-use crate::models::Reason;
+use crate::models::{Reason, Rejection};
 use crate::offsets::TopicPartition;
 use crate::pipeline::{End, RecordMeta, Work};
 use crate::repository::{self, DeadLetterFilter, MigrateError, StoredDeadLetter};
@@ -188,11 +188,18 @@ fn replay_one(pool: &Pool, config: &Config, row: &StoredDeadLetter, kind: EventK
     let rules = handlers::Rules {
         adopt_legacy_rows: config.pipeline.adopt_legacy_rows,
         replaying_dead_letters: true,
-        before_commit: &|_| Ok(()),
     };
-    let result = handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules)?;
-    release_parked(conn.client(), result.more_parked, rules)?;
-    let outcome = result.outcomes.into_iter().next();
+    let outcome = match handlers::apply_batch(conn.client(), std::slice::from_ref(&work), rules) {
+        Ok(result) => {
+            release_parked(conn.client(), result.more_parked, rules)?;
+            result.outcomes.into_iter().next()
+        }
+        // The database refused the record for its own values: it stays a dead letter, with why.
+        Err(e) if e.is(ErrorClass::Record) => {
+            Some(End::DeadLettered(Rejection::refused(e.sqlstate.as_deref(), e.message)))
+        }
+        Err(e) => return Err(e),
+    };
     match &outcome {
         Some(End::DeadLettered(r)) => {
             let sqlstate = r.sqlstate.as_deref();
@@ -260,11 +267,7 @@ pub fn replay_dead_letters(config: &Config, selection: &Selection) -> ExitStatus
 
 /// Releases, a page per transaction, the parked cancellations a replayed booking left (it had
 /// more than one page of them).
-fn release_parked(
-    conn: &mut postgres::Client,
-    mut refs: Vec<String>,
-    rules: handlers::Rules<'_>,
-) -> Result<(), DbError> {
+fn release_parked(conn: &mut postgres::Client, mut refs: Vec<String>, rules: handlers::Rules) -> Result<(), DbError> {
     while !refs.is_empty() {
         let page: Vec<&str> = refs.iter().map(String::as_str).collect();
         let result = handlers::release_parked(conn, &page, rules)?;

@@ -18,7 +18,7 @@
 //!    │  routed by booking id so one booking's records stay in order; a full channel, or
 //!    │  MAX_IN_FLIGHT_BYTES of payload in flight, blocks (back-pressure)
 //!    ▼
-//! writer-1 … writer-N   (batch up to BATCH_SIZE / BATCH_LINGER_MS; one transaction per batch;
+//! writer-1 … writer-N   (batch up to BATCH_SIZE / BATCH_LINGER_MS; one statement per batch;
 //!    │                   no new batch while the worker is halted)
 //!    ▼
 //! offset tracker (per-partition contiguous watermark of durable records)
@@ -33,7 +33,7 @@
 //!                  while the writers, consumer-poll and housekeeping beat)
 //! ```
 //!
-//! What one batch transaction does, step by step, is in `handlers`.
+//! What one batch does, and the rules it keeps, is in `handlers`.
 //!
 //! # Invariants
 //!
@@ -64,13 +64,13 @@
 //! - **An error's class is never decided from the message text**, only from its SQLSTATE, since the
 //!   text follows the server's `lc_messages` (`database`).
 //! - **Two events for one booking id never race**, even across worker instances: each batch
-//!   transaction takes an advisory lock per booking id, in sorted order, before touching them
-//!   (`handlers`).
+//!   (one statement, its own transaction) takes an advisory lock per booking id, in sorted order,
+//!   before touching them (`handlers`).
 //! - **A cancellation that arrives before its booking is never lost**: it is parked and applied in
-//!   the transaction that creates the booking, or expires into a dead letter (`handlers`).
+//!   the batch that creates the booking, or expires into a dead letter (`handlers`).
 //! - **A cancellation never cancels another user's booking, and nothing but Accepted ever becomes
 //!   Cancelled**; cancelling a cancelled booking changes nothing and is logged as a warning; every
-//!   change sets `updated_at` (`handlers::cancel`).
+//!   change sets `updated_at` (`handlers`).
 //! - **A row the Go worker wrote is never duplicated by the switch-over**: the booking event that
 //!   matches it adopts it (`handlers`).
 //! - **The bytes of records in flight never exceed `MAX_IN_FLIGHT_BYTES`**, except a single record
@@ -137,14 +137,15 @@
 //!
 //! ## writer
 //!
-//! The writer threads: records off the bounded channels in batches, one transaction per batch, what
-//! a failed batch does by its error's class, and only then the records marked durable in `offsets`.
+//! The writer threads: records off the bounded channels in batches, one statement (and so one
+//! transaction and one round trip) per batch, what a failed batch does by its error's class, and
+//! only then the records marked durable in `offsets`.
 //! Records of one booking id always go to the same writer, so they are applied in the order they
 //! were consumed. A transient error retries the same batch with backoff (from 50 ms, doubling up to
 //! `RETRY_MAX_BACKOFF_MS`, with jitter). A systemic error halts the worker (`halt`). A record-class
-//! refusal outside the booking insert (a cancellation, the commit itself) rolls the batch back, and
-//! its records are then applied one by one, each in its own transaction; a record still refused on
-//! its own is dead-lettered as `database_rejected`. A writer retrying when SIGINT or SIGTERM comes
+//! refusal fails the batch's statement, so nothing of it is written, and its records are then
+//! applied one by one, each in its own statement; a record still refused on its own is
+//! dead-lettered as `database_rejected`. A writer retrying when SIGINT or SIGTERM comes
 //! gives up, logs `shutdown while the database cannot take writes; these records are consumed again
 //! on the next start` with the number of records, and stops; their offsets were never stored. A
 //! writer writes a batch's log lines at once.

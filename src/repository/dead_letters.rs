@@ -30,14 +30,13 @@ use crate::database::DbError;
 use chrono::{DateTime, Utc};
 use postgres::types::Type;
 use postgres::GenericClient;
-use std::collections::HashSet;
 
 /// Stores dead letters. A record already dead-lettered (a replay) is left as it is.
 pub fn insert_dead_letters<C: GenericClient>(conn: &mut C, letters: &[DeadLetter<'_>]) -> Result<(), DbError> {
     if letters.is_empty() {
         return Ok(());
     }
-    let sources = SourceColumns::new(letters.iter().map(|l| &l.source));
+    let sources = SourceColumns::new(letters.iter().map(|l| (&l.source, true)));
     let booking_ids: Vec<Option<&str>> = letters.iter().map(|l| l.booking_id).collect();
     let reasons: Vec<&str> = letters.iter().map(|l| l.reason).collect();
     let errors: Vec<String> = letters.iter().map(|l| text(l.error)).collect();
@@ -60,28 +59,6 @@ pub fn insert_dead_letters<C: GenericClient>(conn: &mut C, letters: &[DeadLetter
         &params,
     )
     .map(drop)
-}
-
-/// Which of these records are already dead-lettered, as (topic, partition, offset).
-pub fn dead_lettered<C: GenericClient>(
-    conn: &mut C,
-    sources: &[Source<'_>],
-) -> Result<HashSet<(String, i32, i64)>, DbError> {
-    if sources.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let columns = SourceColumns::new(sources.iter());
-    let rows = query(
-        conn,
-        "SELECT d.topic, d.kafka_partition, d.kafka_offset
-           FROM unnest($1::text[], $2::integer[], $3::bigint[]) AS r(topic, part, off)
-           JOIN booking_worker.dead_letters d
-             ON d.topic = r.topic AND d.kafka_partition = r.part AND d.kafka_offset = r.off",
-        &columns.params()[..3],
-    )?;
-    rows.iter()
-        .map(|r| Ok((get(r, "topic")?, get(r, "kafka_partition")?, get(r, "kafka_offset")?)))
-        .collect()
 }
 
 /// A dead letter as stored.

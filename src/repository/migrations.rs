@@ -6,6 +6,7 @@
 //! | `0001_booking_worker` | `bookings.external_id VARCHAR(255)` and its unique index `bookings_external_id_key`; `booking_worker.dead_letters` and `booking_worker.pending_cancellations` with their indexes |
 //! | `0002_dead_letter_sqlstate` | `booking_worker.dead_letters.sqlstate CHAR(5)` |
 //! | `0003_legacy_match_index` | the partial index `bookings_legacy_match_idx` on `bookings (room_id, user_id) WHERE external_id IS NULL`, for the adoption of the Go worker's rows |
+//! | `0004_apply_batch` | the functions `booking_worker.apply_batch_v1` (a batch in one statement), `booking_worker.resolve_user_id` and `booking_worker.row_id` |
 //!
 //! How they stay online:
 //! - Each statement runs on its own, with no statement timeout and a `lock_timeout` of
@@ -51,18 +52,23 @@ pub struct Migration {
 }
 
 impl Migration {
-    /// The file's statements, in order: split at each `;` that ends a line, comments dropped.
+    /// The file's statements, in order: split at each `;` that ends a line outside a
+    /// dollar-quoted function body, comments dropped.
     pub fn statements(&self) -> Vec<String> {
-        let text: String = self
-            .sql
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        text.split(";\n")
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
+        let mut statements = Vec::new();
+        let mut current = String::new();
+        for line in self.sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
+            current.push_str(line);
+            current.push('\n');
+            let in_body = current.matches("$$").count() % 2 == 1;
+            if line.trim_end().ends_with(';') && !in_body {
+                statements.push(current.trim().trim_end_matches(';').trim().to_string());
+                current.clear();
+            }
+        }
+        statements.push(current.trim().to_string());
+        statements.retain(|s| !s.is_empty());
+        statements
     }
 
     /// How `booking-worker migrate` and the README refer to it.
@@ -87,6 +93,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "legacy_match_index",
         sql: include_str!("../../sql/migrations/0003_legacy_match_index.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "apply_batch",
+        sql: include_str!("../../sql/migrations/0004_apply_batch.sql"),
     },
 ];
 
@@ -323,6 +334,17 @@ mod tests {
         assert!(statements[0].starts_with("ALTER TABLE bookings ADD COLUMN IF NOT EXISTS external_id"));
         assert!(statements.iter().all(|s| !s.contains("--") && !s.ends_with(';')));
         assert_eq!(first.label(), "0001_booking_worker");
+    }
+
+    #[test]
+    fn a_function_body_stays_one_statement() {
+        let functions = MIGRATIONS.iter().find(|m| m.name == "apply_batch").unwrap();
+        let statements = functions.statements();
+        assert_eq!(statements.len(), 3, "{statements:#?}");
+        for s in &statements {
+            assert!(s.starts_with("CREATE OR REPLACE FUNCTION booking_worker."), "{s}");
+            assert!(s.ends_with("$$") && s.matches("$$").count() == 2, "{s}");
+        }
     }
 
     #[test]

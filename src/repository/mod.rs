@@ -1,14 +1,15 @@
-//! Every SQL statement the worker runs, in the Go worker's vocabulary: create a booking, cancel a
-//! booking, resolve a user id from an identifier, resolve a room id from an internal id, plus the
+//! Every SQL statement the worker runs: a batch of events applied in one statement (`batch`), the
 //! worker's own dead letters, parked cancellations and migrations.
 //!
-//! Statements work on whole batches (arrays bound as parameters, expanded with `unnest`), so a
-//! batch costs a handful of round trips. Each is sent with its parameter types (`query_typed`):
-//! parse, bind and execute travel together, with no separate prepare round trip. Every value is a
-//! bound parameter; nothing from an event is ever spliced into SQL text. `created_at` and
-//! `updated_at` come from the server's clock (`now()`), in the server's time zone, exactly as
-//! booking-management's own column defaults set them. The worker caches nothing beyond the batch in
-//! hand.
+//! A batch is one call of the batch function `booking_worker.apply_batch_v1`, which the migration
+//! `0004_apply_batch` creates in the worker's schema. It speaks the Go worker's vocabulary: it
+//! resolves a user id from an identifier (`booking_worker.resolve_user_id`) and a room id from an
+//! internal id, creates bookings and cancels bookings, all in bulk. Each statement is sent with
+//! its parameter types (`query_typed`): parse, bind and execute travel together, with no separate
+//! prepare round trip. Every value is a bound parameter; nothing from an event is ever spliced into
+//! SQL text. `created_at` and `updated_at` come from the server's clock (`now()`), in the server's
+//! time zone, exactly as booking-management's own column defaults set them. The worker caches
+//! nothing beyond the batch in hand.
 //!
 //! # The tables
 //!
@@ -20,20 +21,21 @@
 //! - the partial index `bookings_legacy_match_idx`, which holds only the rows without an external id
 //!   (the Go worker's), for their adoption;
 //! - the schema `booking_worker` with `dead_letters`, `pending_cancellations` and
-//!   `schema_migrations`.
+//!   `schema_migrations`;
+//! - the batch function and the two it uses, in that schema.
 //!
-//!
-//! The statements, by what they touch: `bookings` (booking-management's tables), `dead_letters`
-//! and `parked` (the worker's own tables, with the stored record of `records`), `migrations`.
+//! The statements, by what they touch: `batch` (booking-management's tables and the worker's own),
+//! `dead_letters` and `parked` (the worker's own tables, with the stored record of `records`),
+//! `migrations`.
 
-mod bookings;
+mod batch;
 mod dead_letters;
 pub mod migrations;
 mod parked;
 mod records;
 
 use crate::database::DbError;
-pub use bookings::*;
+pub use batch::*;
 pub use dead_letters::*;
 pub use parked::*;
 use postgres::types::{FromSql, ToSql, Type};

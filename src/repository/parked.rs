@@ -7,55 +7,12 @@
 //! its writer), and the expiry takes them out in pages too, so memory stays bounded.
 
 use super::records::*;
-use super::{execute, get, query, Param};
+use super::{get, query};
 use crate::database::DbError;
 use chrono::{DateTime, Utc};
 use postgres::types::Type;
 use postgres::{GenericClient, Row};
 use std::time::Duration;
-
-/// A cancellation to park until its booking arrives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parking<'a> {
-    pub source: Source<'a>,
-    pub booking_ref: &'a str,
-    pub user_ref: &'a str,
-    /// When it was first parked; `None`: now.
-    pub parked_at: Option<DateTime<Utc>>,
-}
-
-/// Parks cancellations. A record parked before, or already dead-lettered (a replay after expiry),
-/// is not parked again.
-pub fn park_cancellations<C: GenericClient>(conn: &mut C, parked: &[Parking<'_>]) -> Result<(), DbError> {
-    if parked.is_empty() {
-        return Ok(());
-    }
-    let sources = SourceColumns::new(parked.iter().map(|p| &p.source));
-    let booking_refs: Vec<&str> = parked.iter().map(|p| p.booking_ref).collect();
-    let user_refs: Vec<&str> = parked.iter().map(|p| p.user_ref).collect();
-    let parked_at: Vec<Option<DateTime<Utc>>> = parked.iter().map(|p| p.parked_at).collect();
-    let rest: [Param<'_>; 3] = [
-        (&booking_refs, Type::TEXT_ARRAY),
-        (&user_refs, Type::TEXT_ARRAY),
-        (&parked_at, Type::TIMESTAMPTZ_ARRAY),
-    ];
-    let params: Vec<Param<'_>> = sources.params().into_iter().chain(rest).collect();
-    execute(
-        conn,
-        "INSERT INTO booking_worker.pending_cancellations
-             (topic, kafka_partition, kafka_offset, record_key, payload, baggage, booking_ref, user_ref,
-              parked_at)
-         SELECT t.topic, t.part, t.off, t.k, t.p, t.bag, t.b, t.u, COALESCE(t.at, now())
-           FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bytea[], $5::bytea[],
-                       $6::text[], $7::text[], $8::text[], $9::timestamptz[])
-                AS t(topic, part, off, k, p, bag, b, u, at)
-          WHERE NOT EXISTS (SELECT 1 FROM booking_worker.dead_letters d
-                             WHERE d.topic = t.topic AND d.kafka_partition = t.part AND d.kafka_offset = t.off)
-         ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING",
-        &params,
-    )
-    .map(drop)
-}
 
 /// A parked cancellation taken back out of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +24,7 @@ pub struct ParkedCancellation {
 }
 
 impl ParkedCancellation {
-    fn from_row(row: &Row) -> Result<ParkedCancellation, DbError> {
+    pub(super) fn from_row(row: &Row) -> Result<ParkedCancellation, DbError> {
         Ok(ParkedCancellation {
             booking_ref: get(row, "booking_ref")?,
             user_ref: get(row, "user_ref")?,
@@ -87,44 +44,6 @@ fn parked_rows(rows: &[Row]) -> Result<Vec<ParkedCancellation>, DbError> {
 
 const PARKED_COLUMNS: &str =
     "booking_ref, user_ref, topic, kafka_partition, kafka_offset, record_key, payload, baggage, parked_at";
-
-/// Removes and returns at most `limit` parked cancellations of these bookings, oldest first. One
-/// index look-up per reference, so it stays cheap when little is parked; a scan of the whole
-/// table would walk the pages that deleted parked rows leave empty.
-pub fn take_parked_cancellations<C: GenericClient>(
-    conn: &mut C,
-    booking_refs: &[&str],
-    limit: i64,
-) -> Result<Vec<ParkedCancellation>, DbError> {
-    if booking_refs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = query(
-        conn,
-        &format!(
-            "DELETE FROM booking_worker.pending_cancellations
-              WHERE id IN (SELECT id FROM booking_worker.pending_cancellations
-                            WHERE booking_ref = ANY($1::text[])
-                            ORDER BY parked_at, id
-                            LIMIT $2)
-             RETURNING {PARKED_COLUMNS}"
-        ),
-        &[(&booking_refs, Type::TEXT_ARRAY), (&limit, Type::INT8)],
-    )?;
-    let mut parked = parked_rows(&rows)?;
-    parked.sort_by(|a, b| {
-        let key = |p: &ParkedCancellation| {
-            (
-                p.parked_at,
-                p.record.topic.clone(),
-                p.record.kafka_partition,
-                p.record.kafka_offset,
-            )
-        };
-        key(a).cmp(&key(b))
-    });
-    Ok(parked)
-}
 
 /// Booking references of parked cancellations older than `ttl`, at most `limit`, sorted.
 pub fn expired_parked_refs<C: GenericClient>(conn: &mut C, ttl: Duration, limit: i64) -> Result<Vec<String>, DbError> {

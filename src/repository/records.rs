@@ -40,12 +40,14 @@ pub(super) struct SourceColumns<'a> {
     partitions: Vec<i32>,
     offsets: Vec<i64>,
     keys: Vec<Option<&'a [u8]>>,
-    payloads: Vec<&'a [u8]>,
+    payloads: Vec<Option<&'a [u8]>>,
     baggage: Vec<Option<String>>,
 }
 
 impl<'a> SourceColumns<'a> {
-    pub(super) fn new<'s: 'a>(sources: impl Iterator<Item = &'a Source<'s>>) -> SourceColumns<'a> {
+    /// The records' columns; one paired with `false` goes without its bytes (key, payload and
+    /// baggage are NULL).
+    pub(super) fn new<'s: 'a>(sources: impl Iterator<Item = (&'a Source<'s>, bool)>) -> SourceColumns<'a> {
         let mut c = SourceColumns {
             topics: Vec::new(),
             partitions: Vec::new(),
@@ -54,13 +56,13 @@ impl<'a> SourceColumns<'a> {
             payloads: Vec::new(),
             baggage: Vec::new(),
         };
-        for s in sources {
+        for (s, bytes) in sources {
             c.topics.push(s.topic);
             c.partitions.push(s.partition);
             c.offsets.push(s.offset);
-            c.keys.push(s.key);
-            c.payloads.push(s.payload);
-            c.baggage.push(s.baggage.map(text));
+            c.keys.push(s.key.filter(|_| bytes));
+            c.payloads.push(Some(s.payload).filter(|_| bytes));
+            c.baggage.push(s.baggage.filter(|_| bytes).map(text));
         }
         c
     }

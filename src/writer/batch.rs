@@ -28,12 +28,13 @@ use std::time::Duration;
 /// A transaction a writer runs until it settles.
 #[derive(Clone, Copy)]
 enum Job<'a> {
-    /// Records applied together, the circuit breaker looking before the commit.
+    /// Records applied together. A record the database refuses fails the whole job, so a
+    /// committed one holds no refusal for the circuit breaker to look at.
     Apply(&'a [Work]),
-    /// A refused record (a [`Work::Reject`]) stored as a dead letter the circuit breaker already
-    /// allowed, so it does not look again.
-    StoreDeadLetter(&'a Work),
-    /// The next page of parked cancellations of these bookings, the circuit breaker looking.
+    /// A refused record stored as a dead letter the circuit breaker allowed: the record as
+    /// consumed, and the [`Work::Reject`] that says why.
+    StoreDeadLetter { work: &'a Work, rejected: &'a Work },
+    /// The next page of parked cancellations of these bookings.
     ReleaseParked(&'a [&'a str]),
 }
 
@@ -43,7 +44,7 @@ impl Job<'_> {
     fn records(&self) -> usize {
         match self {
             Job::Apply(records) => records.len(),
-            Job::StoreDeadLetter(_) => 1,
+            Job::StoreDeadLetter { .. } => 1,
             Job::ReleaseParked(_) => 0,
         }
     }
@@ -178,7 +179,7 @@ impl Writer {
         let mut backoff = Backoff::new(self.max_backoff);
         let mut refused_before = false;
         loop {
-            let error = match self.settle(Job::StoreDeadLetter(rejected)) {
+            let error = match self.settle(Job::StoreDeadLetter { work, rejected }) {
                 Settled::Committed(result) => return self.committed(std::slice::from_ref(rejected), result),
                 Settled::Refused(error) => error,
                 Settled::ShutDown => return Processed::Abandoned,
@@ -245,20 +246,18 @@ impl Writer {
         }
     }
 
-    /// A job in one transaction, with the circuit breaker's last look before it commits. A
-    /// connection that reached a read-only standby is dropped, not pooled.
+    /// A job in one statement, which is its own transaction. A connection that reached a read-only
+    /// standby is dropped, not pooled.
     fn transaction(&self, job: Job<'_>) -> Result<BatchResult, DbError> {
         let mut conn = self.pool.get()?;
-        let before_commit = |result: &BatchResult| self.before_commit(job, result);
         let rules = handlers::Rules {
             adopt_legacy_rows: self.adopt_legacy_rows,
             replaying_dead_letters: false,
-            before_commit: &before_commit,
         };
         let result = match job {
             Job::Apply(records) => handlers::apply_batch(conn.client(), records, rules),
-            Job::StoreDeadLetter(rejected) => {
-                handlers::apply_batch(conn.client(), std::slice::from_ref(rejected), rules)
+            Job::StoreDeadLetter { work, rejected } => {
+                handlers::store_dead_letter(conn.client(), work, rejected, rules)
             }
             Job::ReleaseParked(refs) => handlers::release_parked(conn.client(), refs, rules),
         };
@@ -266,27 +265,6 @@ impl Writer {
             conn.discard();
         }
         result
-    }
-
-    /// The circuit breaker's look before a commit: a job that would pass `DB_REJECT_HALT_AFTER`
-    /// records refused in a row is rolled back with the systemic error the worker halts with. A
-    /// dead letter the breaker already allowed is not looked at again.
-    fn before_commit(&self, job: Job<'_>, result: &BatchResult) -> Result<(), DbError> {
-        let allowed = matches!(job, Job::StoreDeadLetter(_))
-            || self.halt.breaker().allows(result.outcomes.iter().map(is_refusal));
-        if allowed {
-            return Ok(());
-        }
-        let last = result.outcomes.iter().rev().find_map(|end| match end {
-            End::DeadLettered(r) if r.reason == Reason::DatabaseRejected => Some(r),
-            _ => None,
-        });
-        let refusal = DbError {
-            class: ErrorClass::Record,
-            sqlstate: last.and_then(|r| r.sqlstate.clone()),
-            message: last.map_or_else(String::new, |r| r.error.clone()),
-        };
-        Err(self.breaker_error(&refusal))
     }
 
     /// The systemic error a tripped circuit breaker halts with; a new trip is counted.

@@ -342,6 +342,13 @@ fn bad_records_are_dead_lettered_with_their_reason_and_later_records_still_apply
     assert!(worker.logged("the Baggage header value is not UTF-8"));
     let huge_letter = on_bookings.iter().find(|l| l.reason == "payload_too_large").unwrap();
     assert!(huge_letter.payload_len > 1024 * 1024, "the raw payload is kept whole");
+    // A booking's bytes go to the database only once it is a dead letter, and go whole.
+    for (payload, _, reason) in &cases {
+        if let Some(r @ ("unknown_user" | "unknown_room")) = reason {
+            let letter = on_bookings.iter().find(|l| l.reason == *r).unwrap();
+            assert_eq!(letter.payload_len, payload.len() as i64, "{letter:?}");
+        }
+    }
     let cancel_letter = letters.iter().find(|l| l.topic == s.cancels).unwrap();
     assert_eq!(cancel_letter.reason, "missing_field");
     assert_eq!(s.db.bookings().len(), 3);
