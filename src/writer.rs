@@ -175,13 +175,7 @@ impl Writer {
             self.halt.wait_until_running(&self.shutdown, &|| self.alive.beat());
             let Some(first) = self.next_record() else { break };
             batch.push(first);
-            let deadline = Instant::now() + self.linger;
-            while batch.len() < self.batch_size {
-                match self.rx.recv_deadline(deadline) {
-                    Ok(work) => batch.push(work),
-                    Err(_) => break,
-                }
-            }
+            self.fill(&mut batch, Instant::now() + self.linger);
             if let Processed::Abandoned = self.process(&batch) {
                 let left = batch.len() + self.rx.len();
                 log::warn!(records = left;
@@ -194,6 +188,25 @@ impl Writer {
             batch.clear();
         }
         log::debug!("writer drained and stopped");
+    }
+
+    /// Fills the batch up to `BATCH_SIZE`: with what the channel holds, and, when that is not
+    /// enough, with what came by `deadline`. The writer sleeps out the linger rather than waiting
+    /// on the channel, so it wakes once per batch, not once per record (a sender wakes only a
+    /// receiver that waits).
+    fn fill(&self, batch: &mut Vec<Work>, deadline: Instant) {
+        self.take_ready(batch);
+        let now = Instant::now();
+        if batch.len() < self.batch_size && deadline > now {
+            std::thread::sleep(deadline - now);
+            self.take_ready(batch);
+        }
+    }
+
+    /// Takes the records already in the channel, up to `BATCH_SIZE`.
+    fn take_ready(&self, batch: &mut Vec<Work>) {
+        let room = self.batch_size.saturating_sub(batch.len());
+        batch.extend(self.rx.try_iter().take(room));
     }
 
     /// Waits for the next record, beating while the channel stays empty (idle by design). `None`

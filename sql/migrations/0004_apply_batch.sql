@@ -1,7 +1,6 @@
--- The batch transaction as one function in the worker's own schema, so that a batch costs one
--- statement: one round trip, committed with it. What each step does, and why, is in
--- src/handlers/mod.rs; the function's contract (parameters and result rows) is in
--- src/repository/batch.rs.
+-- The batch as one function in the worker's own schema, so that a batch costs one statement: one
+-- round trip, committed with it. Its numbered steps say how; the rules they keep are in
+-- src/handlers/mod.rs, and its contract (parameters and result rows) in src/repository/batch.rs.
 --
 -- The functions run with the caller's rights (SECURITY INVOKER) and search_path, exactly as the
 -- statements they replace did. A later change to a function comes as a new function with a new
@@ -16,12 +15,15 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- resolve a user id from an identifier: a numeric id first, then an email, then a username.
+-- PL/pgSQL rather than SQL, so that its query is planned once per session, not once per use.
 CREATE OR REPLACE FUNCTION booking_worker.resolve_user_id(identifier text) RETURNS integer
-LANGUAGE sql STABLE AS $$
-    SELECT COALESCE(
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN COALESCE(
         (SELECT u.id FROM users u WHERE u.id = booking_worker.row_id(identifier)),
         (SELECT u.id FROM users u WHERE u.email = identifier),
-        (SELECT u.id FROM users u WHERE u.username = identifier))
+        (SELECT u.id FROM users u WHERE u.username = identifier));
+END
 $$;
 
 CREATE OR REPLACE FUNCTION booking_worker.apply_batch_v1(
@@ -102,7 +104,7 @@ BEGIN
       LEFT JOIN rooms r ON r.internal_id = b.ref;
 
     -- 4. The first booking event of a booking id creates it, later ones are duplicates.
-    FOR rec IN SELECT b.n::integer AS n, row_number() OVER (PARTITION BY b.id ORDER BY b.n) AS k
+    FOR rec IN SELECT b.n::integer AS n, row_number() OVER (PARTITION BY b.id COLLATE "C" ORDER BY b.n) AS k
                  FROM unnest(p_booking, p_kind, v_end) WITH ORDINALITY AS b(id, kind, e, n)
                 WHERE b.kind = 'booking' AND b.e IS NULL
                 ORDER BY b.n
@@ -172,9 +174,8 @@ BEGIN
 
     -- 6. A page of the parked cancellations of the new bookings (and of those to release) comes
     -- out of the table, oldest first.
-    v_releasing := ARRAY(SELECT DISTINCT x
-                           FROM unnest(ARRAY(SELECT p_booking[t.n] FROM unnest(v_new) AS t(n)) || p_release) AS x
-                          ORDER BY x);
+    v_releasing := ARRAY(SELECT DISTINCT x COLLATE "C"
+                           FROM unnest(ARRAY(SELECT p_booking[t.n] FROM unnest(v_new) AS t(n)) || p_release) AS x);
     IF cardinality(v_releasing) > 0 THEN
         WITH taken AS (
             DELETE FROM booking_worker.pending_cancellations
@@ -218,79 +219,81 @@ BEGIN
 
     -- 8. Cancel bookings: the released cancellations first (they came earlier), then the batch's
     -- own, each decided against its booking as the ones before it left it.
-    FOR rec IN
-        WITH request AS (
-            SELECT j AS k, NULL::integer AS n, j AS rel, (v_released[j]).booking_ref AS ref,
-                   (v_released[j]).user_ref AS uref, booking_worker.resolve_user_id((v_released[j]).user_ref) AS uid
-              FROM generate_subscripts(v_released, 1) AS j
-            UNION ALL
-            SELECT v_m + b.n::integer, b.n::integer, NULL, b.id, b.u, v_uid[b.n::integer]
-              FROM unnest(p_kind, p_booking, p_user, v_end) WITH ORDINALITY AS b(kind, id, u, e, n)
-             WHERE b.kind = 'cancellation' AND b.e IS NULL),
-        locked AS (
-            SELECT b.id, b.external_id, b.user_id, b.status
-              FROM bookings b
-             WHERE b.external_id = ANY (ARRAY(SELECT ref FROM request))
-                OR b.id = ANY (ARRAY(SELECT booking_worker.row_id(ref) FROM request))
-             ORDER BY b.id
-               FOR UPDATE),
-        target AS (
-            SELECT q.*, t.id AS tid, t.user_id AS owner, t.status
-              FROM request AS q
-              LEFT JOIN LATERAL (SELECT l.id, l.user_id, l.status FROM locked l
-                                  WHERE l.external_id = q.ref OR l.id = booking_worker.row_id(q.ref)
-                                  ORDER BY (l.external_id = q.ref) IS TRUE DESC
-                                  LIMIT 1) AS t ON true)
-        SELECT target.*,
-               coalesce(bool_or(uid = owner) OVER (PARTITION BY tid ORDER BY k
-                                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
-                   AS cancelled_before
-          FROM target
-         ORDER BY k
-    LOOP
-        IF rec.tid IS NULL THEN
-            IF rec.n IS NULL THEN
-                v_repark := v_repark || rec.rel;
-            ELSE
-                v_park := v_park || rec.n;
+    IF v_m > 0 OR 'cancellation' = ANY (p_kind) THEN
+        FOR rec IN
+            WITH request AS (
+                SELECT j AS k, NULL::integer AS n, j AS rel, (v_released[j]).booking_ref AS ref,
+                       (v_released[j]).user_ref AS uref, booking_worker.resolve_user_id((v_released[j]).user_ref) AS uid
+                  FROM generate_subscripts(v_released, 1) AS j
+                UNION ALL
+                SELECT v_m + b.n::integer, b.n::integer, NULL, b.id, b.u, v_uid[b.n::integer]
+                  FROM unnest(p_kind, p_booking, p_user, v_end) WITH ORDINALITY AS b(kind, id, u, e, n)
+                 WHERE b.kind = 'cancellation' AND b.e IS NULL),
+            locked AS (
+                SELECT b.id, b.external_id, b.user_id, b.status
+                  FROM bookings b
+                 WHERE b.external_id = ANY (ARRAY(SELECT ref FROM request))
+                    OR b.id = ANY (ARRAY(SELECT booking_worker.row_id(ref) FROM request))
+                 ORDER BY b.id
+                   FOR UPDATE),
+            target AS (
+                SELECT q.*, t.id AS tid, t.user_id AS owner, t.status
+                  FROM request AS q
+                  LEFT JOIN LATERAL (SELECT l.id, l.user_id, l.status FROM locked l
+                                      WHERE l.external_id = q.ref OR l.id = booking_worker.row_id(q.ref)
+                                      ORDER BY (l.external_id = q.ref) IS TRUE DESC
+                                      LIMIT 1) AS t ON true)
+            SELECT target.*,
+                   coalesce(bool_or(uid = owner) OVER (PARTITION BY tid ORDER BY k
+                                                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
+                       AS cancelled_before
+              FROM target
+             ORDER BY k
+        LOOP
+            IF rec.tid IS NULL THEN
+                IF rec.n IS NULL THEN
+                    v_repark := v_repark || rec.rel;
+                ELSE
+                    v_park := v_park || rec.n;
+                END IF;
+                CONTINUE;
             END IF;
-            CONTINUE;
+            v_r := NULL;
+            v_x := NULL;
+            IF rec.uid IS NULL THEN
+                v_r := 'unknown_user';
+                v_x := format('no user has id, email or username %s', to_json(rec.uref));
+            ELSIF rec.uid <> rec.owner THEN
+                v_r := 'unauthorized';
+                v_x := format('user %s does not own booking %s', to_json(rec.uref), to_json(rec.ref));
+            ELSIF rec.status = 'Accepted' AND NOT rec.cancelled_before THEN
+                v_cancel := v_cancel || rec.tid;
+                v_e := 'cancelled';
+            ELSIF rec.status IN ('Accepted', 'Cancelled') THEN
+                v_e := 'already_cancelled';
+            ELSE
+                v_r := 'not_cancellable';
+                v_x := format('booking %s is %s; only Accepted bookings can be cancelled', to_json(rec.ref), rec.status);
+            END IF;
+            IF v_r IS NOT NULL THEN
+                v_e := 'dead_lettered';
+            END IF;
+            IF rec.n IS NOT NULL THEN
+                v_end[rec.n] := v_e;
+                v_id[rec.n] := rec.tid;
+                v_reason[rec.n] := v_r;
+                v_error[rec.n] := v_x;
+            ELSE
+                v_rel_end[rec.rel] := v_e;
+                v_rel_id[rec.rel] := rec.tid;
+                v_rel_reason[rec.rel] := v_r;
+                v_rel_error[rec.rel] := v_x;
+            END IF;
+        END LOOP;
+        IF cardinality(v_cancel) > 0 THEN
+            UPDATE bookings SET status = 'Cancelled', updated_at = now()
+             WHERE id = ANY (v_cancel) AND status = 'Accepted';
         END IF;
-        v_r := NULL;
-        v_x := NULL;
-        IF rec.uid IS NULL THEN
-            v_r := 'unknown_user';
-            v_x := format('no user has id, email or username %s', to_json(rec.uref));
-        ELSIF rec.uid <> rec.owner THEN
-            v_r := 'unauthorized';
-            v_x := format('user %s does not own booking %s', to_json(rec.uref), to_json(rec.ref));
-        ELSIF rec.status = 'Accepted' AND NOT rec.cancelled_before THEN
-            v_cancel := v_cancel || rec.tid;
-            v_e := 'cancelled';
-        ELSIF rec.status IN ('Accepted', 'Cancelled') THEN
-            v_e := 'already_cancelled';
-        ELSE
-            v_r := 'not_cancellable';
-            v_x := format('booking %s is %s; only Accepted bookings can be cancelled', to_json(rec.ref), rec.status);
-        END IF;
-        IF v_r IS NOT NULL THEN
-            v_e := 'dead_lettered';
-        END IF;
-        IF rec.n IS NOT NULL THEN
-            v_end[rec.n] := v_e;
-            v_id[rec.n] := rec.tid;
-            v_reason[rec.n] := v_r;
-            v_error[rec.n] := v_x;
-        ELSE
-            v_rel_end[rec.rel] := v_e;
-            v_rel_id[rec.rel] := rec.tid;
-            v_rel_reason[rec.rel] := v_r;
-            v_rel_error[rec.rel] := v_x;
-        END IF;
-    END LOOP;
-    IF cardinality(v_cancel) > 0 THEN
-        UPDATE bookings SET status = 'Cancelled', updated_at = now()
-         WHERE id = ANY (v_cancel) AND status = 'Accepted';
     END IF;
 
     -- 9. A cancellation whose booking does not exist yet is parked until it comes (one released
