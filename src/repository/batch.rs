@@ -192,6 +192,7 @@ fn unexpected(message: String) -> DbError {
 }
 
 /// The records as one array per parameter of the batch function.
+#[derive(Default)]
 struct BatchColumns<'a> {
     sources: SourceColumns<'a>,
     kinds: Vec<&'static str>,
@@ -214,19 +215,7 @@ impl<'a> BatchColumns<'a> {
         let keep = |r: &BatchRecord<'_>| bytes == Bytes::All || !matches!(r.input, RecordInput::Booking(_));
         let mut c = BatchColumns {
             sources: SourceColumns::new(records.iter().map(|r| (&r.source, keep(r)))),
-            kinds: Vec::with_capacity(records.len()),
-            reasons: Vec::with_capacity(records.len()),
-            errors: Vec::with_capacity(records.len()),
-            sqlstates: Vec::with_capacity(records.len()),
-            booking_ids: Vec::with_capacity(records.len()),
-            users: Vec::with_capacity(records.len()),
-            rooms: Vec::with_capacity(records.len()),
-            guests: Vec::with_capacity(records.len()),
-            starts: Vec::with_capacity(records.len()),
-            start_instants: Vec::with_capacity(records.len()),
-            ends: Vec::with_capacity(records.len()),
-            end_instants: Vec::with_capacity(records.len()),
-            payments: Vec::with_capacity(records.len()),
+            ..BatchColumns::default()
         };
         for record in records {
             c.push(&record.input);

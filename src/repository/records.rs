@@ -35,6 +35,7 @@ pub(super) fn text(s: &str) -> String {
 
 /// The columns every stored record has, as arrays: topic, partition, offset, key, payload,
 /// baggage.
+#[derive(Default)]
 pub(super) struct SourceColumns<'a> {
     topics: Vec<&'a str>,
     partitions: Vec<i32>,
@@ -48,14 +49,7 @@ impl<'a> SourceColumns<'a> {
     /// The records' columns; one paired with `false` goes without its bytes (key, payload and
     /// baggage are NULL).
     pub(super) fn new<'s: 'a>(sources: impl Iterator<Item = (&'a Source<'s>, bool)>) -> SourceColumns<'a> {
-        let mut c = SourceColumns {
-            topics: Vec::new(),
-            partitions: Vec::new(),
-            offsets: Vec::new(),
-            keys: Vec::new(),
-            payloads: Vec::new(),
-            baggage: Vec::new(),
-        };
+        let mut c = SourceColumns::default();
         for (s, bytes) in sources {
             c.topics.push(s.topic);
             c.partitions.push(s.partition);

@@ -56,17 +56,22 @@ fn ends(outcomes: &[End]) -> Vec<String> {
         .collect()
 }
 
+/// A database of its own with the users alice and bob and the room room_1.
+fn database(tag: &str) -> Option<TestDb> {
+    let db = TestDb::create(&services()?, tag);
+    db.user("alice@example.com", "alice");
+    db.user("bob@example.com", "bob");
+    db.room("room_1");
+    Some(db)
+}
+
 fn apply(db: &TestDb, batch: &[Work]) -> BatchResult {
     handlers::apply_batch(&mut db.conn(), batch, RULES).expect("the batch applies")
 }
 
 #[test]
 fn one_statement_decides_a_batch_by_the_rules_and_a_replay_changes_nothing() {
-    let Some(services) = services() else { return };
-    let db = TestDb::create(&services, "batch");
-    db.user("alice@example.com", "alice");
-    db.user("bob@example.com", "bob");
-    db.room("room_1");
+    let Some(db) = database("batch") else { return };
     let batch = vec![
         booking(0, "b1", "alice", "room_1"),
         booking(1, "b1", "alice", "room_1"),
@@ -130,11 +135,7 @@ fn one_statement_decides_a_batch_by_the_rules_and_a_replay_changes_nothing() {
 
 #[test]
 fn a_new_booking_applies_its_parked_cancellations_before_the_batch_own() {
-    let Some(services) = services() else { return };
-    let db = TestDb::create(&services, "release");
-    db.user("alice@example.com", "alice");
-    db.user("bob@example.com", "bob");
-    db.room("room_1");
+    let Some(db) = database("release") else { return };
     let parked = apply(&db, &[cancel(0, "b1", "bob"), cancel(1, "b1", "alice")]);
     assert_eq!(ends(&parked.outcomes), ["parked", "parked"]);
 
