@@ -62,6 +62,7 @@ DECLARE
     v_chosen_n integer[];
     v_chosen_id integer[];
     v_got integer;
+    v_bytes_wanted boolean := false;
     v_e text;
     v_r text;
     v_x text;
@@ -112,10 +113,7 @@ BEGIN
         IF rec.k > 1 THEN
             v_end[rec.n] := 'duplicate';
         ELSIF (v_uid[rec.n] IS NULL OR v_rid[rec.n] IS NULL) AND p_payload[rec.n] IS NULL THEN
-            -- A booking's record is sent without its bytes, which only a dead letter keeps: the
-            -- caller sends the batch again with them.
-            RAISE EXCEPTION 'record % of the batch is a dead letter: send its payload', rec.n
-                USING ERRCODE = 'BW001';
+            v_bytes_wanted := true;
         ELSIF v_uid[rec.n] IS NULL THEN
             v_end[rec.n] := 'dead_lettered';
             v_reason[rec.n] := 'unknown_user';
@@ -128,6 +126,16 @@ BEGIN
             v_new := v_new || rec.n;
         END IF;
     END LOOP;
+
+    -- A booking's record comes without its bytes, which only a dead letter keeps. Nothing is
+    -- written yet: the caller is asked to send the batch again with them.
+    IF v_bytes_wanted THEN
+        RETURN QUERY
+            SELECT 'bytes_wanted', NULL::integer, NULL::text, NULL::integer, NULL::text, NULL::text, NULL::text,
+                   NULL::text, NULL::text, NULL::text, NULL::integer, NULL::bigint, NULL::bytea, NULL::bytea,
+                   NULL::text, NULL::timestamptz;
+        RETURN;
+    END IF;
 
     -- 5. A new booking adopts the lowest matching row of the Go worker that no booking before it
     -- took; a row another transaction adopted meanwhile is looked for again among the others.

@@ -13,6 +13,8 @@
 //!   parked than one page.
 //! - A record the database refuses for its own values fails the whole statement with its
 //!   SQLSTATE, so nothing of the batch is written and the writer isolates the record.
+//! - A `bytes_wanted` row alone: a booking sent without its stored record is a dead letter, and
+//!   nothing was written ([`apply_batch`] sends the batch again with every record's bytes).
 
 use super::parked::ParkedCancellation;
 use super::records::{text, Source, SourceColumns};
@@ -101,44 +103,20 @@ pub struct AppliedBatch {
 ///
 /// A booking's stored record (key, payload, baggage) is sent only when it becomes a dead letter,
 /// which is rare: the batch goes without them, and when the function answers that one is a dead
-/// letter (SQLSTATE `BW001`, having written nothing), again with them.
+/// letter (a `bytes_wanted` row, having written nothing), again with them.
 pub fn apply_batch<C: GenericClient>(
     conn: &mut C,
     records: &[BatchRecord<'_>],
     release: &[&str],
     options: BatchOptions,
 ) -> Result<AppliedBatch, DbError> {
-    match apply(conn, records, release, options, Bytes::OfNoBooking) {
-        Err(e) if e.sqlstate.as_deref() == Some(BYTES_WANTED) => apply(conn, records, release, options, Bytes::All),
-        answer => answer,
-    }
-}
-
-/// The SQLSTATE with which the batch function asks for the stored records of the bookings.
-const BYTES_WANTED: &str = "BW001";
-
-/// Which records' stored bytes go with the batch.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Bytes {
-    OfNoBooking,
-    All,
-}
-
-fn apply<C: GenericClient>(
-    conn: &mut C,
-    records: &[BatchRecord<'_>],
-    release: &[&str],
-    options: BatchOptions,
-    bytes: Bytes,
-) -> Result<AppliedBatch, DbError> {
-    let columns = BatchColumns::new(records, bytes);
-    let mut params = columns.params();
-    params.push((&release, Type::TEXT_ARRAY));
-    params.push((&options.adopt_legacy_rows, Type::BOOL));
-    params.push((&options.replaying_dead_letters, Type::BOOL));
-    params.push((&options.parked_page, Type::INT4));
-    let rows = query(conn, APPLY_BATCH, &params)?;
-    let applied = read_answer(&rows)?;
+    let applied = match apply(conn, records, release, options, Bytes::OfNoBooking)? {
+        Answer::BytesWanted => match apply(conn, records, release, options, Bytes::All)? {
+            Answer::BytesWanted => return Err(unexpected("the batch function asked twice for the bytes".into())),
+            Answer::Applied(applied) => applied,
+        },
+        Answer::Applied(applied) => applied,
+    };
     if applied.records.len() != records.len() {
         return Err(unexpected(format!(
             "the batch function answered for {} of {} records",
@@ -149,6 +127,37 @@ fn apply<C: GenericClient>(
     Ok(applied)
 }
 
+/// Which records' stored bytes go with the batch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bytes {
+    OfNoBooking,
+    All,
+}
+
+/// What the batch function answered.
+enum Answer {
+    Applied(AppliedBatch),
+    /// A booking sent without its bytes is a dead letter: nothing was written.
+    BytesWanted,
+}
+
+fn apply<C: GenericClient>(
+    conn: &mut C,
+    records: &[BatchRecord<'_>],
+    release: &[&str],
+    options: BatchOptions,
+    bytes: Bytes,
+) -> Result<Answer, DbError> {
+    let columns = BatchColumns::new(records, bytes);
+    let mut params = columns.params();
+    params.push((&release, Type::TEXT_ARRAY));
+    params.push((&options.adopt_legacy_rows, Type::BOOL));
+    params.push((&options.replaying_dead_letters, Type::BOOL));
+    params.push((&options.parked_page, Type::INT4));
+    let rows = query(conn, APPLY_BATCH, &params)?;
+    read_answer(&rows)
+}
+
 const APPLY_BATCH: &str = "SELECT r_item AS item, r_end AS end_name, r_id AS id, r_reason AS reason,
         r_error AS error, r_sqlstate AS sqlstate, r_booking AS booking_ref, r_user AS user_ref,
         r_topic AS topic, r_partition AS kafka_partition, r_offset AS kafka_offset,
@@ -157,7 +166,7 @@ const APPLY_BATCH: &str = "SELECT r_item AS item, r_end AS end_name, r_id AS id,
                                       $16, $17, $18, $19, $20, $21, $22, $23)";
 
 /// The rows of the batch function, sorted by what they are.
-fn read_answer(rows: &[Row]) -> Result<AppliedBatch, DbError> {
+fn read_answer(rows: &[Row]) -> Result<Answer, DbError> {
     let mut applied = AppliedBatch::default();
     for row in rows {
         match get::<&str>(row, "item")? {
@@ -166,10 +175,11 @@ fn read_answer(rows: &[Row]) -> Result<AppliedBatch, DbError> {
                 .released
                 .push((ParkedCancellation::from_row(row)?, decided(row)?)),
             "more" => applied.more_parked.push(get(row, "booking_ref")?),
+            "bytes_wanted" => return Ok(Answer::BytesWanted),
             other => return Err(unexpected(format!("the batch function answered a {other:?} row"))),
         }
     }
-    Ok(applied)
+    Ok(Answer::Applied(applied))
 }
 
 fn decided(row: &Row) -> Result<Decided, DbError> {
