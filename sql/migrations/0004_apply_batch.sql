@@ -187,9 +187,14 @@ BEGIN
     IF cardinality(v_releasing) > 0 THEN
         WITH taken AS (
             DELETE FROM booking_worker.pending_cancellations
-             WHERE id IN (SELECT id FROM booking_worker.pending_cancellations
-                           WHERE booking_ref = ANY (v_releasing)
-                           ORDER BY parked_at, id
+             WHERE id IN (SELECT p.id
+                            FROM unnest(v_releasing) AS r(ref)
+                           CROSS JOIN LATERAL (SELECT pc.id, pc.parked_at
+                                                 FROM booking_worker.pending_cancellations pc
+                                                WHERE pc.booking_ref = r.ref
+                                                ORDER BY pc.parked_at, pc.id
+                                                LIMIT p_page) AS p
+                           ORDER BY p.parked_at, p.id
                            LIMIT p_page)
             RETURNING *)
         SELECT coalesce(array_agg(ROW(t.*)::booking_worker.pending_cancellations
@@ -228,35 +233,42 @@ BEGIN
     -- 8. Cancel bookings: the released cancellations first (they came earlier), then the batch's
     -- own, each decided against its booking as the ones before it left it.
     IF v_m > 0 OR 'cancellation' = ANY (p_kind) THEN
-        FOR rec IN
+        -- Planned at each call (EXECUTE): bookings can grow a thousandfold between two analyses
+        -- (a catch-up on a new database), and a plan kept from the small table would scan the
+        -- large one whole.
+        FOR rec IN EXECUTE $q$
             WITH request AS (
-                SELECT j AS k, NULL::integer AS n, j AS rel, (v_released[j]).booking_ref AS ref,
-                       (v_released[j]).user_ref AS uref, booking_worker.resolve_user_id((v_released[j]).user_ref) AS uid
-                  FROM generate_subscripts(v_released, 1) AS j
-                UNION ALL
-                SELECT v_m + b.n::integer, b.n::integer, NULL, b.id, b.u, v_uid[b.n::integer]
-                  FROM unnest(p_kind, p_booking, p_user, v_end) WITH ORDINALITY AS b(kind, id, u, e, n)
-                 WHERE b.kind = 'cancellation' AND b.e IS NULL),
+                SELECT r.*, booking_worker.row_id(r.ref) AS rid
+                  FROM (SELECT j AS k, NULL::integer AS n, j AS rel, ($1[j]).booking_ref AS ref,
+                               ($1[j]).user_ref AS uref,
+                               booking_worker.resolve_user_id(($1[j]).user_ref) AS uid
+                          FROM generate_subscripts($1, 1) AS j
+                        UNION ALL
+                        SELECT $2 + b.n::integer, b.n::integer, NULL, b.id, b.u, $7[b.n::integer]
+                          FROM unnest($3, $4, $5, $6) WITH ORDINALITY AS b(kind, id, u, e, n)
+                         WHERE b.kind = 'cancellation' AND b.e IS NULL) AS r),
             locked AS (
                 SELECT b.id, b.external_id, b.user_id, b.status
                   FROM bookings b
                  WHERE b.external_id = ANY (ARRAY(SELECT ref FROM request))
-                    OR b.id = ANY (ARRAY(SELECT booking_worker.row_id(ref) FROM request))
+                    OR b.id = ANY (ARRAY(SELECT rid FROM request))
                  ORDER BY b.id
                    FOR UPDATE),
+            -- The external id names a booking first; an all-digit reference then its row id.
             target AS (
-                SELECT q.*, t.id AS tid, t.user_id AS owner, t.status
+                SELECT q.*, coalesce(x.id, d.id) AS tid,
+                       CASE WHEN x.id IS NOT NULL THEN x.user_id ELSE d.user_id END AS owner,
+                       CASE WHEN x.id IS NOT NULL THEN x.status ELSE d.status END AS status
                   FROM request AS q
-                  LEFT JOIN LATERAL (SELECT l.id, l.user_id, l.status FROM locked l
-                                      WHERE l.external_id = q.ref OR l.id = booking_worker.row_id(q.ref)
-                                      ORDER BY (l.external_id = q.ref) IS TRUE DESC
-                                      LIMIT 1) AS t ON true)
+                  LEFT JOIN locked AS x ON x.external_id = q.ref
+                  LEFT JOIN locked AS d ON d.id = q.rid)
             SELECT target.*,
                    coalesce(bool_or(uid = owner) OVER (PARTITION BY tid ORDER BY k
                                                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false)
                        AS cancelled_before
               FROM target
              ORDER BY k
+            $q$ USING v_released, v_m, p_kind, p_booking, p_user, v_end, v_uid
         LOOP
             IF rec.tid IS NULL THEN
                 IF rec.n IS NULL THEN
@@ -299,8 +311,10 @@ BEGIN
             END IF;
         END LOOP;
         IF cardinality(v_cancel) > 0 THEN
-            UPDATE bookings SET status = 'Cancelled', updated_at = now()
-             WHERE id = ANY (v_cancel) AND status = 'Accepted';
+            -- Planned at each call too, for the same reason.
+            EXECUTE $q$UPDATE bookings SET status = 'Cancelled', updated_at = now()
+                        WHERE id = ANY ($1) AND status = 'Accepted'$q$
+              USING v_cancel;
         END IF;
     END IF;
 
