@@ -30,9 +30,10 @@
 # Environment: BENCH_BASELINE_MAX (cap on the events the batching-off run
 # processes before its rate is taken; default all), BENCH_COMPRESSION (the
 # producer's compression of the pre-loaded records: lz4 by default, none, gzip
-# or zstd), the BENCH_* above, plus the worker's own variables. Services are
-# started as for scripts/test.sh unless KAFKA_BROKERS / DB_HOST point at
-# running ones.
+# or zstd), BENCH_LINGER_MS (the steady load generator's linger.ms; default 0,
+# each record sent at once), the BENCH_* above, plus the worker's own
+# variables. Services are started as for scripts/test.sh unless KAFKA_BROKERS /
+# DB_HOST point at running ones.
 
 set -euo pipefail
 
@@ -72,8 +73,11 @@ fi
 IDLE_SECS="${BENCH_IDLE_SECS:-$([[ "$MODE" == all ]] && echo 20 || echo 60)}"
 STEADY_RATES="${BENCH_STEADY_RATES:-100 1000}"
 STEADY_SECS="${BENCH_STEADY_SECS:-40}"
+# The steady load generator sends each record at once, as a producer without linger does: a
+# linger would count in the end-to-end latency (a record's Kafka timestamp is taken before it).
+LINGER_MS="${BENCH_LINGER_MS:-0}"
 read -r -a rates <<<"$STEADY_RATES"
-for n in "$EVENTS" "$STEADY_RATE" "$STEADY_SECONDS" "$RUNS" "$IDLE_SECS" "$STEADY_SECS" "${rates[@]}"; do
+for n in "$EVENTS" "$STEADY_RATE" "$STEADY_SECONDS" "$RUNS" "$IDLE_SECS" "$STEADY_SECS" "$LINGER_MS" "${rates[@]}"; do
     [[ "$n" =~ ^[0-9]+$ ]] || die "--events, --runs, RATE, SECONDS and the BENCH_* figures take whole numbers"
 done
 [[ "$RUNS" -ge 1 ]] || die "--runs takes at least 1"
@@ -197,7 +201,7 @@ idle_and_steady() {
         ledger="$SESSION_DIR/ledger-$rate.json"
         log "steady: $rate events/s for about $STEADY_SECS s"
         rows+="${rows:+, }$(measure --steady "$rate" --ledger "$ledger" --logs "$SESSION_DIR/loadgen-$rate" -- \
-            ./target/release/booking-loadgen --count "$bookings" --rate "$rate" --cancel-ratio 0.2 \
+            ./target/release/booking-loadgen --count "$bookings" --rate "$rate" --linger-ms "$LINGER_MS" --cancel-ratio 0.2 \
             --early-cancel-ratio 0 --unauthorized-ratio 0 --duplicate-ratio 0 --bad-ratio 0 --baggage-ratio 0.5 \
             --id-prefix "$tag-$rate" --booking-topic "$BOOKINGS_TOPIC" --cancellation-topic "$CANCELS_TOPIC" \
             --ledger "$ledger")"

@@ -192,8 +192,10 @@ def steady(pid, addr, rate, ledger, logs, command):
         time.sleep(0.1)
     figures = window.stop()
     grown = delta(m, before)
+    linger = command[command.index("--linger-ms") + 1] if "--linger-ms" in command else None
     figures.update({
         "target_rate": rate,
+        "producer_linger_ms": None if linger is None else int(linger),
         "records": int(count),
         "events_per_second": round(count / figures["window_seconds"], 1),
         "p50_ms": quantile(grown, 0.50),
@@ -420,6 +422,10 @@ def report_regimes(runs, json_out):
     print(f"booking-worker bench, {when}, commit {commit}, {os.cpu_count()} cores, {len(runs)} run"
           + ("s: each cell is the median of the runs, their range below it" if wide else ""))
     print("the worker with its default settings; broker, PostgreSQL, load generator and worker on this machine")
+    lingers = sorted({s.get("producer_linger_ms") for run in runs for s in run.get("steady", [])}, key=str)
+    if lingers:
+        print("the steady load generator's linger.ms: " + ", ".join("5 (its default)" if v is None else str(v)
+                                                                   for v in lingers))
     print()
     print(f"{'regime':<16}" + "".join(f"{h:>{w}}" for h, w, _, _ in COLUMNS))
     for name in names:
