@@ -132,8 +132,9 @@
 //! and so does KIP-848's consumer protocol (`KAFKA_GROUP_PROTOCOL=consumer`), whose assignments are
 //! incremental and whose session settings are the broker's (`group.consumer.*`).
 //!
-//! The poll loops look at their stop flags every 250 ms, so a revocation or a shutdown waits at most
-//! that long for a partition thread.
+//! An idle partition thread sleeps until librdkafka says its queue has a record or it is told to
+//! stop, so a revocation or a shutdown does not wait for it; the main queue's poll loop looks at the
+//! shutdown flag every 250 ms.
 //!
 //! ## writer
 //!

@@ -72,6 +72,11 @@ struct Args {
     /// Producer compression: none, gzip, lz4 or zstd.
     #[arg(long, default_value = "lz4")]
     compression: String,
+    /// Producer linger.ms: how long a batch waits for more records. A record's Kafka timestamp is
+    /// taken before that wait, so it counts in the worker's end-to-end latency; 0 sends each
+    /// record at once, as a service's producer that flushes at once does.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u32,
     /// Write the expected end state (bookings and dead letters) to this JSON file.
     #[arg(long)]
     ledger: Option<std::path::PathBuf>,
@@ -124,7 +129,7 @@ fn run(args: &Args) -> Result<bool, Failure> {
     }
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
-        .set("linger.ms", "5")
+        .set("linger.ms", args.linger_ms.to_string())
         .set("compression.type", &args.compression)
         .set("queue.buffering.max.messages", "200000")
         .set("enable.idempotence", "true")

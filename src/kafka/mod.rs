@@ -44,8 +44,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a poll blocks before loops look at their stop flags again: it bounds how long a
-/// revocation or a shutdown waits for a partition thread, and each idle thread wakes this often.
+/// How long a poll of the main queue blocks before the loop looks at the shutdown flag, beats its
+/// health and stores the durable offsets again.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The group member: the consumer, its context and the thread that polls its main queue.

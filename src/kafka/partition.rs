@@ -1,8 +1,12 @@
 //! The partition threads: one named thread per assigned topic-partition, reading that partition's
 //! split queue and handing its records to the writers until it is told to stop, then joined.
+//!
+//! A partition thread with nothing to read parks until librdkafka tells it that its queue has a
+//! record (the queue's non-empty callback unparks it) or it is told to stop, instead of waking on
+//! a timer: an idle worker's partition threads cost nothing, and a stop takes effect at once.
 
 use super::record::to_work;
-use super::{WorkerContext, POLL_INTERVAL};
+use super::WorkerContext;
 use crate::models::EventKind;
 use crate::offsets::TopicPartition;
 use crate::writer::Dispatcher;
@@ -12,6 +16,12 @@ use rdkafka::types::RDKafkaErrorCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long an idle partition thread stays parked before it looks at its queue unbidden.
+/// librdkafka calls the queue's non-empty callback each time the queue goes from empty to not
+/// empty, so this only bounds the wait of a record that ever came without one.
+const IDLE_RECHECK: Duration = Duration::from_secs(2);
 
 /// Linux keeps this many bytes of a thread's name; every thread dump shows no more.
 pub const THREAD_NAME_MAX: usize = 15;
@@ -49,10 +59,11 @@ impl PartitionThread {
     }
 }
 
-/// Tells every thread to stop, then joins them all.
+/// Tells every thread to stop and unparks it, then joins them all.
 pub(super) fn stop_threads(threads: Vec<PartitionThread>) {
     for t in &threads {
         t.stop.store(true, Ordering::SeqCst);
+        t.handle.thread().unpark();
     }
     for t in threads {
         let name = t.handle.thread().name().unwrap_or("partition").to_string();
@@ -73,13 +84,19 @@ pub(super) struct PartitionReader {
 }
 
 impl PartitionReader {
-    fn run(self) {
+    /// Reads the queue until it is empty, then parks until the queue's non-empty callback or
+    /// [`stop_threads`] unparks the thread. The callback runs on a librdkafka thread with the
+    /// queue locked; an unpark never blocks, and one that comes while the thread is awake makes its
+    /// next park return at once, so no record is missed (it costs one look at an empty queue).
+    fn run(mut self) {
+        let me = std::thread::current();
+        self.queue.set_nonempty_callback(move || me.unpark());
         let stop = Arc::clone(&self.stop);
         let stopped = || stop.load(Ordering::SeqCst);
         while !stopped() {
             fail::fail_point!("partition-thread");
-            match self.queue.poll(POLL_INTERVAL) {
-                None => {}
+            match self.queue.poll(Duration::ZERO) {
+                None => std::thread::park_timeout(IDLE_RECHECK),
                 Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::BadCompression))) => {
                     log::error!(topic = self.tp.topic.as_ref(), partition = self.tp.partition,
                         error = "BadCompression";
