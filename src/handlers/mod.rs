@@ -1,6 +1,6 @@
 //! What each event does to the database: the booking handler, the cancellation handler, and the
 //! expiry of parked cancellations. A whole batch is applied in one statement, the batch function
-//! `booking_worker.apply_batch_v1` (`sql/migrations/0004_apply_batch.sql`, whose numbered steps say
+//! `booking_worker.apply_batch_v2` (`sql/migrations/0005_apply_batch_v2.sql`, whose numbered steps say
 //! how), and every record in it gets exactly one [`End`]. The statement is its own transaction:
 //! one round trip, commit included.
 //!

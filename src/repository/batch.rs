@@ -1,5 +1,5 @@
-//! A whole batch in one statement: `booking_worker.apply_batch_v1`, which migration
-//! `0004_apply_batch` creates, takes every record of the batch and decides and writes each one's
+//! A whole batch in one statement: `booking_worker.apply_batch_v2`, which migration
+//! `0005_apply_batch_v2` creates, takes every record of the batch and decides and writes each one's
 //! end in the server. Outside an explicit transaction the statement is its own transaction, so a
 //! batch costs one round trip, its commit included, whatever its size and whatever it holds.
 //!
@@ -162,7 +162,7 @@ const APPLY_BATCH: &str = "SELECT r_item AS item, r_end AS end_name, r_id AS id,
         r_error AS error, r_sqlstate AS sqlstate, r_booking AS booking_ref, r_user AS user_ref,
         r_topic AS topic, r_partition AS kafka_partition, r_offset AS kafka_offset,
         r_key AS record_key, r_payload AS payload, r_baggage AS baggage, r_parked_at AS parked_at
-   FROM booking_worker.apply_batch_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+   FROM booking_worker.apply_batch_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                                       $16, $17, $18, $19, $20, $21, $22, $23)";
 
 /// The rows of the batch function, sorted by what they are.

@@ -1,8 +1,8 @@
 //! Every SQL statement the worker runs: a batch of events applied in one statement (`batch`), the
 //! worker's own dead letters, parked cancellations and migrations.
 //!
-//! A batch is one call of the batch function `booking_worker.apply_batch_v1`, which the migration
-//! `0004_apply_batch` creates in the worker's schema. It speaks the Go worker's vocabulary: it
+//! A batch is one call of the batch function `booking_worker.apply_batch_v2`, which the migration
+//! `0005_apply_batch_v2` creates in the worker's schema. It speaks the Go worker's vocabulary: it
 //! resolves a user id from an identifier (`booking_worker.resolve_user_id`) and a room id from an
 //! internal id, creates bookings and cancels bookings, all in bulk. Each statement is sent with
 //! its parameter types (`query_typed`): parse, bind and execute travel together, with no separate

@@ -256,7 +256,7 @@ fn migrate_applies_once_and_refuses_a_database_without_the_schema() {
     let out = worker_command(&s.env(), &["migrate"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains(
-        "\"applied\":\"0001_booking_worker,0002_dead_letter_sqlstate,0003_legacy_match_index,0004_apply_batch\""
+        "\"applied\":\"0001_booking_worker,0002_dead_letter_sqlstate,0003_legacy_match_index,0004_apply_batch,0005_apply_batch_v2\""
     ));
     s.db.exec("DROP TABLE bookings CASCADE");
     let out = worker_command(&s.env(), &["migrate"]);
