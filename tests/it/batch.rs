@@ -164,3 +164,46 @@ fn a_new_booking_applies_its_parked_cancellations_before_the_batch_own() {
         ("unauthorized", bob)
     );
 }
+
+/// A session keeps the batch function's plans. One made while `bookings` was small must not scan
+/// it whole once it has grown: each new booking's look-up of the Go worker's rows reads an index.
+#[test]
+fn a_session_that_began_on_a_small_table_reads_bookings_by_index_once_it_has_grown() {
+    let Some(db) = database("plans") else { return };
+    // Statistics of an empty table, as a new database's first analysis leaves them.
+    db.exec("VACUUM ANALYZE bookings");
+    let mut conn = db.conn();
+    // More calls than PostgreSQL makes custom plans before it keeps a generic one.
+    for n in 0..8 {
+        let result = handlers::apply_batch(&mut conn, &[booking(n, &format!("small{n}"), "alice", "room_1")], RULES)
+            .expect("the batch applies");
+        assert_eq!(ends(&result.outcomes), ["created"]);
+    }
+    db.exec(
+        "INSERT INTO bookings (user_id, room_id, number_of_guests, start_date, end_date, payment_id, status, \
+         external_id, created_at, updated_at) \
+         SELECT u.id, r.id, 2, DATE '2026-03-01', DATE '2026-03-04', 'pay' || n, 'Accepted', 'grown' || n, now(), now() \
+         FROM generate_series(1, 20000) AS n, users u, rooms r WHERE u.username = 'alice' AND r.internal_id = 'room_1'",
+    );
+
+    // The server's counters of what this session read that are not yet flushed: their growth
+    // within one transaction is what the batch in it read.
+    let read = |conn: &mut postgres::Client| -> (i64, i64) {
+        let sql = "SELECT seq_scan, seq_tup_read FROM pg_stat_xact_user_tables WHERE relname = 'bookings'";
+        let row = conn.query_one(sql, &[]).unwrap();
+        (row.get(0), row.get(1))
+    };
+    conn.batch_execute("BEGIN").unwrap();
+    let before = read(&mut conn);
+    let result =
+        handlers::apply_batch(&mut conn, &[booking(8, "large", "alice", "room_1")], RULES).expect("the batch applies");
+    let after = read(&mut conn);
+    conn.batch_execute("COMMIT").unwrap();
+    assert_eq!(ends(&result.outcomes), ["created"]);
+    let (scans, rows) = (after.0 - before.0, after.1 - before.1);
+    assert_eq!(
+        (scans, rows),
+        (0, 0),
+        "one new booking scanned bookings {scans} times, reading {rows} rows"
+    );
+}
