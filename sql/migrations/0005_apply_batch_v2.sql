@@ -1,8 +1,17 @@
 -- The batch function again, as booking_worker.apply_batch_v2: the same parameters, result rows
--- and steps as apply_batch_v1 (0004), whose header says how the functions are versioned. What
--- changed: step 5's look-up of the Go worker's rows is planned at each call. apply_batch_v1 kept
--- the plan it made while bookings was small for the whole session, a scan of bookings per new
--- booking, so a batch took longer the more bookings there were (1 s per batch at 15,000 rows).
+-- and steps as apply_batch_v1 (0004), whose header says how the functions are versioned.
+--
+-- What changed: the function runs with enable_seqscan off. PL/pgSQL keeps a statement's plan for
+-- the session, and a plan made while a table was small scans it whole once it has grown, until
+-- the next analysis of that table: bookings can grow a thousandfold in a catch-up on a new
+-- database, and parked cancellations and dead letters by tens of thousands in minutes. With
+-- apply_batch_v1 a batch of the benchmark's took 1 s once bookings held 15,000 rows. Every
+-- look-up the function makes in those tables has an index (by external id, row id, the Go
+-- worker's match, a record's topic, partition and offset, a parked cancellation's booking), so
+-- with sequential scans off the kept plans read those indexes whatever the tables' sizes, and
+-- nothing is planned again at each call. Step 8's look-up stays planned at each call (EXECUTE):
+-- its kept plan would read a whole index.
+--
 -- apply_batch_v1 stays for workers of the previous version during a rolling update.
 
 CREATE OR REPLACE FUNCTION booking_worker.apply_batch_v2(
@@ -14,7 +23,9 @@ CREATE OR REPLACE FUNCTION booking_worker.apply_batch_v2(
 RETURNS TABLE (r_item text, r_n integer, r_end text, r_id integer, r_reason text, r_error text,
                r_sqlstate text, r_booking text, r_user text, r_topic text, r_partition integer,
                r_offset bigint, r_key bytea, r_payload bytea, r_baggage text, r_parked_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
 DECLARE
     v_n integer := coalesce(cardinality(p_kind), 0);
     -- Each record's end so far, with the row id, reason and error that go with it.
@@ -123,22 +134,17 @@ BEGIN
             v_taken := '{}';
             v_chosen_n := '{}';
             v_chosen_id := '{}';
-            -- Planned at each call (EXECUTE), like step 8's look-up: a plan kept from a small
-            -- table scans bookings whole for each new booking once it has grown.
-            FOR rec IN EXECUTE $q$
-                SELECT t.n, array_agg(b.id ORDER BY b.id) AS ids
-                  FROM unnest($1) AS t(n)
-                  JOIN bookings b
-                    ON b.external_id IS NULL AND b.room_id = $2[t.n] AND b.user_id = $3[t.n]
-                   AND b.number_of_guests = $4[t.n] AND b.payment_id = $5[t.n]
-                   AND (b.start_date = $6[t.n] OR b.start_date = $7[t.n]::date)
-                   AND (b.end_date = $8[t.n] OR b.end_date = $9[t.n]::date)
-                 WHERE $10[t.n] IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM bookings x WHERE x.external_id = $11[t.n])
-                 GROUP BY t.n
-                 ORDER BY t.n
-                $q$ USING v_new, v_rid, v_uid, p_guests, p_payment, p_start, p_start_at, p_end, p_end_at, v_end,
-                          p_booking
+            FOR rec IN SELECT t.n, array_agg(b.id ORDER BY b.id) AS ids
+                         FROM unnest(v_new) AS t(n)
+                         JOIN bookings b
+                           ON b.external_id IS NULL AND b.room_id = v_rid[t.n] AND b.user_id = v_uid[t.n]
+                          AND b.number_of_guests = p_guests[t.n] AND b.payment_id = p_payment[t.n]
+                          AND (b.start_date = p_start[t.n] OR b.start_date = p_start_at[t.n]::date)
+                          AND (b.end_date = p_end[t.n] OR b.end_date = p_end_at[t.n]::date)
+                        WHERE v_end[t.n] IS NULL
+                          AND NOT EXISTS (SELECT 1 FROM bookings x WHERE x.external_id = p_booking[t.n])
+                        GROUP BY t.n
+                        ORDER BY t.n
             LOOP
                 FOREACH i IN ARRAY rec.ids LOOP
                     IF NOT i = ANY (v_taken) THEN
@@ -217,9 +223,8 @@ BEGIN
     -- 8. Cancel bookings: the released cancellations first (they came earlier), then the batch's
     -- own, each decided against its booking as the ones before it left it.
     IF v_m > 0 OR 'cancellation' = ANY (p_kind) THEN
-        -- Planned at each call (EXECUTE): bookings can grow a thousandfold between two analyses
-        -- (a catch-up on a new database), and a plan kept from the small table would scan the
-        -- large one whole.
+        -- Planned at each call (EXECUTE): a kept plan of this query reads the whole of an index
+        -- of bookings, since which rows it locks is only known once the batch is.
         FOR rec IN EXECUTE $q$
             WITH request AS (
                 SELECT r.*, booking_worker.row_id(r.ref) AS rid
@@ -295,10 +300,8 @@ BEGIN
             END IF;
         END LOOP;
         IF cardinality(v_cancel) > 0 THEN
-            -- Planned at each call too, for the same reason.
-            EXECUTE $q$UPDATE bookings SET status = 'Cancelled', updated_at = now()
-                        WHERE id = ANY ($1) AND status = 'Accepted'$q$
-              USING v_cancel;
+            UPDATE bookings SET status = 'Cancelled', updated_at = now()
+             WHERE id = ANY (v_cancel) AND status = 'Accepted';
         END IF;
     END IF;
 
