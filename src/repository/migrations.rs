@@ -7,7 +7,7 @@
 //! | `0002_dead_letter_sqlstate` | `booking_worker.dead_letters.sqlstate CHAR(5)` |
 //! | `0003_legacy_match_index` | the partial index `bookings_legacy_match_idx` on `bookings (room_id, user_id) WHERE external_id IS NULL`, for the adoption of the Go worker's rows |
 //! | `0004_apply_batch` | the functions `booking_worker.apply_batch_v1` (a batch in one statement), `booking_worker.resolve_user_id` and `booking_worker.row_id` |
-//! | `0005_apply_batch_v2` | `booking_worker.apply_batch_v2`: `apply_batch_v1` run with sequential scans off, so that the plans a session keeps read indexes however much the tables grow |
+//! | `0005_apply_batch_v2` | `booking_worker.apply_batch_v2`: `apply_batch_v1` with plans a session can keep however much the tables grow: each look-up by an index, with sequential scans off |
 //!
 //! How they stay online:
 //! - Each statement runs on its own, with no statement timeout and a `lock_timeout` of
